@@ -1,0 +1,1 @@
+"""Prefect flows: wiring of the stage tasks, nothing else."""

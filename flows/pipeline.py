@@ -1,0 +1,37 @@
+"""The FairDiffusion retraining pipeline: five stages, in order, nothing else."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from fairdiffusion.config import load_config
+from fairdiffusion.lineage import PromotionOutcome
+from tasks.data import load_samples, version_data
+from tasks.evaluate import evaluate_candidate
+from tasks.promote import promote_if_fair
+from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.train import train_candidate
+from tasks.validate import validate_data
+
+
+@flow(name="fairdiffusion-pipeline", log_prints=True)
+def fairdiffusion_pipeline(config_path: str = "configs/demo.yaml") -> PromotionOutcome:
+    """Data version -> validation -> training -> evaluation -> gate and promotion."""
+    config = load_config(config_path)
+    data_version = version_data(config)
+    run_id = open_tracking_run(config, data_version)
+    try:
+        samples = load_samples(config)
+        validate_data(samples, config, run_id)
+        training = train_candidate(samples, config, run_id)
+        report = evaluate_candidate(training, samples, config, run_id)
+        outcome = promote_if_fair(training, report, config, run_id)
+    except BaseException:
+        close_tracking_run(config, run_id, "FAILED")
+        raise
+    close_tracking_run(config, run_id, "FINISHED")
+    return outcome
+
+
+if __name__ == "__main__":
+    fairdiffusion_pipeline()

@@ -1,0 +1,21 @@
+"""MLflow run bookkeeping around the stages (I/O, so retried)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from fairdiffusion import lineage, registry
+from fairdiffusion.config import PipelineConfig
+from fairdiffusion.versioning import DataVersion
+
+
+@task(name="open_tracking_run", retries=2, retry_delay_seconds=2)
+def open_tracking_run(config: PipelineConfig, data_version: DataVersion) -> str:
+    """Start the MLflow run that every later stage logs to, with its lineage so far."""
+    return lineage.open_pipeline_run(config, data_version)
+
+
+@task(name="close_tracking_run", retries=2, retry_delay_seconds=2)
+def close_tracking_run(config: PipelineConfig, run_id: str, status: str) -> None:
+    """Mark the run finished or failed."""
+    registry.end_run(config.tracking, run_id, status)
