@@ -103,13 +103,8 @@ def pull_data(dvc_file: str | Path, remote: str | None = None) -> None:
         raise DataVersionError(f"dvc pull {dvc_file.name} failed in {dvc_file.parent}:\n    {detail}")
 
 
-def verify_data(dvc_file: str | Path) -> None:
-    """Refuse data whose working copy differs from the version the ``.dvc`` file records.
-
-    Raises:
-        DataVersionError: naming what DVC reports as changed.
-    """
-    dvc_file = Path(dvc_file).resolve()
+def _dvc_changes(dvc_file: Path) -> list[tuple[str, str]]:
+    """(change, output) pairs that ``dvc status`` reports for one ``.dvc`` file."""
     done = _dvc(["status", dvc_file.name, "--json"], cwd=dvc_file.parent)
     if done.returncode != 0:
         raise DataVersionError(f"dvc status {dvc_file.name} failed: {done.stderr.strip()}")
@@ -117,20 +112,42 @@ def verify_data(dvc_file: str | Path) -> None:
         status = json.loads(done.stdout.strip() or "{}")
     except json.JSONDecodeError:
         raise DataVersionError(f"dvc status gave unreadable output: {done.stdout[:200]}") from None
-    if status:
-        changes = []
-        for stage in status.values():
-            for entry in stage:
-                if isinstance(entry, dict):
-                    for kind, outs in entry.items():
-                        changes.append(f"{kind}: {outs}")
+    changes: list[tuple[str, str]] = []
+    for stage in status.values():
+        for entry in stage:
+            if not isinstance(entry, dict):
+                changes.append((str(entry), dvc_file.name))
+                continue
+            for outs in entry.values():
+                if isinstance(outs, dict):
+                    changes.extend((str(kind), str(out)) for out, kind in outs.items())
                 else:
-                    changes.append(str(entry))
+                    changes.append((str(outs), dvc_file.name))
+    return changes
+
+
+def verify_data(dvc_file: str | Path, allow_missing: bool = False) -> None:
+    """Refuse data whose working copy differs from the version the ``.dvc`` file records.
+
+    Args:
+        dvc_file: The pointer file.
+        allow_missing: Accept data that is absent (not yet pulled) but not data that
+            is present and modified; used before ``dvc pull``, which never overwrites.
+
+    Raises:
+        DataVersionError: naming what DVC reports as changed.
+    """
+    dvc_file = Path(dvc_file).resolve()
+    changes = _dvc_changes(dvc_file)
+    if allow_missing:
+        changes = [(kind, out) for kind, out in changes if kind not in {"deleted", "not in cache"}]
+    if changes:
+        described = "; ".join(f"{out} {kind}" for kind, out in changes)
         raise DataVersionError(
             f"the data tracked by {dvc_file.name} differs from its recorded version "
-            f"(md5 {resolve_data_version(dvc_file).dvc_md5}): {'; '.join(changes)}. "
+            f"(md5 {resolve_data_version(dvc_file).dvc_md5}): {described}. "
             "Refusing to run on unversioned data: 'dvc add' and commit the change, or "
-            "'dvc checkout' to restore the recorded version."
+            "'dvc checkout --force' to restore the recorded version."
         )
 
 

@@ -15,6 +15,7 @@ def version_data(config: PipelineConfig) -> DataVersion:
     """Resolve the version ``data.dvc`` names, ``dvc pull`` it and refuse a modified copy."""
     version = resolve_data_version(config.data.dvc_file)
     if config.data.pull:
+        verify_data(config.data.dvc_file, allow_missing=True)  # never pull over local edits
         pull_data(config.data.dvc_file, config.data.remote)
     verify_data(config.data.dvc_file)
     return version

@@ -1,0 +1,220 @@
+"""The whole flow on a small dataset with the real Prefect, MLflow, DVC and Great Expectations.
+
+Nothing is mocked: a temporary git repository holds the data under DVC with a local
+remote, the flow pulls it, validates it with Great Expectations, trains a tiny
+Stable Diffusion for a few steps, evaluates, and registers in a SQLite MLflow registry,
+all under Prefect's test harness (a real temporary Prefect API and database).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fairdiffusion.config import load_config
+from fairdiffusion.demo_data import DemoDatasetSpec, generate_demo_dataset
+from fairdiffusion.errors import DataVersionError, ValidationFailed
+from fairdiffusion.registry import read_lineage
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def _commit(repo: Path, message: str) -> str:
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+    return _run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    # The harness's server would otherwise try to record telemetry (no network here).
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A git repo whose data is tracked by DVC and pushed to a local remote, then removed."""
+    root = tmp_path_factory.mktemp("project")
+    repo, remote = root / "repo", root / "remote"
+    repo.mkdir()
+    _run(["git", "init", "-q"], repo)
+    generate_demo_dataset(repo / "data", DemoDatasetSpec(train=36, val=8, test=24, image_size=32, seed=10))
+    _dvc(["init", "-q"], repo)
+    _dvc(["config", "core.analytics", "false"], repo)
+    _dvc(["remote", "add", "-d", "local", str(remote)], repo)
+    _dvc(["add", "-q", "data"], repo)
+    _dvc(["push", "-q"], repo)
+    commit = _commit(repo, "data v1")
+    # A fresh clone has neither the data nor the cache: the flow must pull them.
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    config = {
+        "data": {
+            "path": str(repo / "data"),
+            "dvc_file": str(repo / "data.dvc"),
+        },
+        "validation": {"min_group_count": 3, "image_shape": [32, 32]},  # seed 10: >= 3 per group
+        "model": {"pretrained": "tiny", "tiny_dir": str(root / "tiny")},
+        "training": {
+            "output_dir": str(root / "train"),
+            "max_steps": 4,
+            "batch_size": 4,
+            "fair_time_window": 2,
+            "log_every": 2,
+        },
+        "evaluation": {
+            "output_dir": str(root / "eval"),
+            "extractor": {"name": "randcnn", "dim": 8},
+            "num_inference_steps": 2,
+            "batch_size": 24,
+        },
+        "gate": {"max_es_fid": 1.0e6, "max_group_fid_gap": 1.0e6, "min_slice_size": 3, "regression_tolerance": 0.5},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "artifact_root": str(root / "artifacts"),
+            "model_name": "fd-test",
+        },
+    }
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    return {"root": root, "repo": repo, "config": config_path, "commit": Path(commit)}
+
+
+def _versions(config_path: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    tracking = load_config(config_path).tracking
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    return sorted(v.version for v in client.search_model_versions(f"name='{tracking.model_name}'"))
+
+
+def test_flow_pulls_validates_trains_evaluates_and_promotes(prefect_harness, project):
+    from flows.pipeline import fairdiffusion_pipeline
+
+    outcome = fairdiffusion_pipeline(config_path=str(project["config"]))
+
+    assert outcome.version == "1"
+    assert outcome.promoted, outcome.reasons
+    assert (project["repo"] / "data" / "data_summary.csv").is_file(), "dvc pull restored the data"
+    recorded_md5 = yaml.safe_load((project["repo"] / "data.dvc").read_text())["outs"][0]["md5"]
+    lineage = read_lineage(load_config(project["config"]).tracking, alias="champion")
+    assert lineage["version"] == "1"
+    assert set(lineage["aliases"]) == {"candidate", "champion"}
+    assert lineage["data"]["dvc_md5"] == recorded_md5
+    assert lineage["data"]["data_dvc_commit"] == str(project["commit"])
+    assert lineage["validation"] == {"success": True, "failed_expectations": []}
+    assert lineage["training"]["method"] == "fair"
+    assert lineage["training"]["config"]["training"]["max_steps"] == 4
+    assert lineage["gate"]["passed"] is True and lineage["gate"]["compared_with_version"] is None
+    assert np.isfinite(lineage["metrics"]["overall"]["fid_randcnn8/overall"])
+    assert "fid_randcnn8/race/Asian" in lineage["metrics"]["per_subgroup"]
+    assert lineage["code"]["git_commit"], "the code version is recorded"
+    weights = list((project["root"] / "train" / "pipeline" / "unet").glob("*.safetensors"))
+    assert weights, "the UNet is saved as safetensors"
+
+
+def test_second_run_is_compared_with_the_champion(prefect_harness, project):
+    from flows.pipeline import fairdiffusion_pipeline
+
+    outcome = fairdiffusion_pipeline(config_path=str(project["config"]))
+
+    assert outcome.version == "2"
+    assert outcome.compared_with_version == "1"
+    lineage = read_lineage(load_config(project["config"]).tracking, version="2")
+    assert lineage["gate"]["compared_with_version"] == "1"
+    if outcome.promoted:
+        assert "champion" in lineage["aliases"]
+        assert "previous-champion" in read_lineage(load_config(project["config"]).tracking, version="1")["aliases"]
+
+
+def test_audit_cli_prints_the_champion_lineage(project):
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [str(BIN / "fairdiffusion"), "audit", "--model", "fd-test", "--alias", "champion", "--json"]
+        + ["--config", str(project["config"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lineage = json.loads(done.stdout)
+    recorded_md5 = yaml.safe_load((project["repo"] / "data.dvc").read_text())["outs"][0]["md5"]
+    assert lineage["data"]["dvc_md5"] == recorded_md5
+    for key in ("model", "version", "aliases", "run_id", "data", "code", "validation", "training", "metrics"):
+        assert key in lineage
+    assert {"passed", "reasons", "policy", "compared_with_version"} <= set(lineage["gate"])
+
+
+def test_modified_data_is_refused_and_nothing_is_registered(prefect_harness, project):
+    from flows.pipeline import fairdiffusion_pipeline
+
+    before = _versions(project["config"])
+    target = project["repo"] / "data" / "data_summary.csv"
+    original = target.read_bytes()
+    target.write_bytes(original + b"\n")
+    try:
+        with pytest.raises(DataVersionError, match="differs from its recorded version"):
+            fairdiffusion_pipeline(config_path=str(project["config"]))
+    finally:
+        target.write_bytes(original)
+    assert _versions(project["config"]) == before
+    assert target.read_bytes() == original
+
+
+def test_invalid_data_version_stops_before_training(prefect_harness, project):
+    """A committed data version with an unknown race code fails validation: no version is created."""
+    from flows.pipeline import fairdiffusion_pipeline
+
+    repo = project["repo"]
+    bad = sorted((repo / "data" / "test").glob("data_*.npz"))[0]
+    arrays = dict(np.load(bad))
+    arrays["race"] = np.asarray(9)
+    np.savez(bad, **arrays)
+    _dvc(["add", "-q", "data"], repo)
+    _dvc(["push", "-q"], repo)
+    _commit(repo, "data v2 (bad race code)")
+    before = _versions(project["config"])
+    train_dir = project["root"] / "train"
+    stamp = (train_dir / "pipeline" / "model_index.json").stat().st_mtime
+
+    with pytest.raises(ValidationFailed) as error:
+        fairdiffusion_pipeline(config_path=str(project["config"]))
+
+    assert bad.stem in str(error.value) and "race" in str(error.value)
+    assert _versions(project["config"]) == before
+    assert (train_dir / "pipeline" / "model_index.json").stat().st_mtime == stamp, "nothing was trained"
+    from mlflow import MlflowClient
+
+    tracking = load_config(project["config"]).tracking
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    last = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    assert last.info.status == "FAILED"
+    assert last.data.tags["fd.validation.success"] == "false"
+    assert bad.stem in last.data.tags["fd.validation.failed_expectations"]
