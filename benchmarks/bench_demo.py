@@ -56,7 +56,9 @@ def main() -> None:
         baseline["training"]["output_dir"] = "outputs/train-baseline"
         baseline["evaluation"]["output_dir"] = "outputs/eval-baseline"
         (clone / "outputs" / "baseline.yaml").write_text(yaml.safe_dump(baseline))
-        timed("demo (baseline)", [".venv/bin/fairdiffusion", "run", "--config", "outputs/baseline.yaml"], clone, results)
+        timed(
+            "demo (baseline)", [".venv/bin/fairdiffusion", "run", "--config", "outputs/baseline.yaml"], clone, results
+        )
         if not options.skip_test:
             timed("test", ["make", "test"], clone, results)
             results["install + test"] = results["install"] + results["test"]

@@ -113,7 +113,7 @@ def _print_table(lineage: dict[str, object], prefix: str = "") -> None:
             typer.echo(f"{prefix}{key}:")
             _print_table(value, prefix + "  ")
         elif key == "config":
-            typer.echo(f"{prefix}{key}: (resolved config, {len(value)} sections; see --json)")
+            typer.echo(f"{prefix}{key}: (the resolved config; see --json)")
         else:
             typer.echo(f"{prefix}{key}: {value}")
 

@@ -46,6 +46,12 @@ class DemoDatasetSpec:
     string_race_share: float = 0.2
 
 
+def _race_code(labels: dict[str, object]) -> int:
+    code = labels["race"]
+    assert isinstance(code, int)
+    return code
+
+
 def _sample_labels(rng: np.random.Generator) -> dict[str, object]:
     race = int(rng.choice([r for r, _ in RACES], p=[p for _, p in RACES]))
     glaucoma = int(rng.random() < 0.5)
@@ -76,7 +82,7 @@ def render_fundus(labels: dict[str, object], size: int, rng: np.random.Generator
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     centre = 0.5
     field = (yy - centre) ** 2 + (xx - centre) ** 2 < 0.47**2
-    image = 85.0 + _PIGMENT[int(labels["race"])] + 25.0 * (1 - 2 * np.hypot(yy - centre, xx - centre))
+    image = 85.0 + _PIGMENT[_race_code(labels)] + 25.0 * (1 - 2 * np.hypot(yy - centre, xx - centre))
 
     disc_y, disc_x = 0.5 + rng.normal(0, 0.03), 0.66 + rng.normal(0, 0.03)
     disc_r = 0.11 + rng.normal(0, 0.008)
@@ -122,7 +128,7 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoDatasetSpec | None = No
             image = render_fundus(labels, spec.image_size, rng)
             race: object = labels["race"]
             if rng.random() < spec.string_race_share:
-                race = np.str_(RACE_STRINGS[int(labels["race"])])
+                race = np.str_(RACE_STRINGS[_race_code(labels)])
             name = f"data_{number:05d}.npz"
             np.savez_compressed(
                 split_dir / name,

@@ -56,7 +56,7 @@ class RandomConvExtractor(nn.Module):
             for layer in self.net:
                 if isinstance(layer, nn.Conv2d):
                     nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                    nn.init.zeros_(layer.bias)
+                    nn.init.zeros_(layer.bias)  # type: ignore[arg-type]
         self.eval()
 
     @torch.no_grad()

@@ -132,8 +132,8 @@ def flatten_metrics(
     for slice_name, values in slices.items():
         flat[f"{names['fid']}/{slice_name}"] = float(values["fid"])
         flat[f"{names['n']}/{slice_name}"] = float(values["num_samples"])
-    for attribute, values in equity.items():
-        flat[f"{names['es_fid']}/{attribute}"] = float(values["es"])
-        flat[f"{names['gap']}/{attribute}"] = float(values["max_gap"])
-        flat[f"{names['disparity']}/{attribute}"] = float(values["disparity"])
+    for attribute, scaled in equity.items():
+        flat[f"{names['es_fid']}/{attribute}"] = float(scaled["es"])
+        flat[f"{names['gap']}/{attribute}"] = float(scaled["max_gap"])
+        flat[f"{names['disparity']}/{attribute}"] = float(scaled["disparity"])
     return flat

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def register_candidate(
     run_id: str,
     model_dir: str | Path,
     decision: dict[str, Any],
-    lineage_tags: dict[str, object],
+    lineage_tags: Mapping[str, object],
     champion: ChampionInfo | None,
 ) -> RegisteredCandidate:
     """Register a candidate, record its gate decision, and promote it only if it passed.

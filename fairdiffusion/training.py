@@ -215,7 +215,7 @@ def train_unet(
                 metrics["fbp/objective"] = result.y
                 metrics |= {f"fbp/gap/{a}": gap for a, gap in result.gaps.items()}
                 if result.window_closed:
-                    window = {
+                    window: dict[str, object] = {
                         "step": step,
                         "acquisition": result.acquisition_value,
                         "gaps": result.gaps,

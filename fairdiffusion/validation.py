@@ -120,7 +120,7 @@ def inspect_images(samples: pd.DataFrame) -> pd.DataFrame:
             with Image.open(jpg_path) as jpg:
                 jpg.load()
         except (OSError, UnidentifiedImageError) as error:
-            row["error"] = (row["error"] + "; " if row["error"] else "") + f"{jpg_path}: {error}"
+            row["error"] = (f"{row['error']}; " if row["error"] else "") + f"{jpg_path}: {error}"
         rows.append(row)
     return pd.DataFrame(rows, columns=["subject", "file", "error", "ndim", "dtype", "shape", "constant"])
 
