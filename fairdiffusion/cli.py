@@ -8,6 +8,7 @@ the command, so the library package itself never imports Prefect.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -31,9 +32,21 @@ def _config_or_default(config: Path | None) -> PipelineConfig:
     return load_config(DEMO_CONFIG) if DEMO_CONFIG.is_file() else PipelineConfig()
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task's traceback; for bad input the message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FairDiffusionError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _run_pipeline(config: Path) -> None:
     load_config(config)  # fail on a bad config before Prefect starts
     from flows.pipeline import fairdiffusion_pipeline
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
 
     outcome = fairdiffusion_pipeline(config_path=str(config))
     cfg = load_config(config)
@@ -148,7 +161,9 @@ def main() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns (not raises) the code of a typer.Exit;
+        # dropping it would turn e.g. a failed `validate` into exit status 0.
+        code = app(standalone_mode=False)
     except FairDiffusionError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(1)
@@ -159,6 +174,8 @@ def main() -> None:
         sys.exit(130)
     except click.exceptions.Exit as error:
         sys.exit(error.exit_code)
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

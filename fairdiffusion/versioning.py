@@ -68,7 +68,9 @@ def resolve_data_version(dvc_file: str | Path) -> DataVersion:
         document = yaml.safe_load(dvc_file.read_text()) or {}
         outs = document["outs"]
         out = outs[0]
-        md5 = str(out["md5"])
+        md5 = "" if out["md5"] is None else str(out["md5"]).strip()
+        if not md5:  # an empty "md5:" must not become the recorded version "None"
+            raise KeyError("md5")
     except (yaml.YAMLError, KeyError, IndexError, TypeError):
         raise DataVersionError(f"{dvc_file}: not a DVC pointer file with an 'outs[0].md5' entry") from None
     if len(outs) != 1:

@@ -1,0 +1,139 @@
+"""Tests for the typed pipeline configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fairdiffusion.config import (
+    FAIRGENMED_ATTRIBUTES,
+    PipelineConfig,
+    TrackingConfig,
+    config_to_dict,
+    load_config,
+)
+from fairdiffusion.errors import ConfigError
+
+VALID = {
+    "data": {"path": "some/data", "train_splits": ["train"], "test_split": "test", "max_subjects_per_split": 3},
+    "validation": {"min_group_count": 2, "image_shape": [32, 32]},
+    "training": {"method": "baseline", "max_steps": 4, "learning_rate": 0.001},
+    "evaluation": {"extractor": {"name": "randcnn", "dim": 16}},
+    "gate": {"max_es_fid": 50.0, "max_group_fid_gap": None},
+}
+
+
+def write_yaml(path: Path, document: object) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_load_valid_config(tmp_path: Path) -> None:
+    config = load_config(write_yaml(tmp_path / "ok.yaml", VALID))
+    assert isinstance(config, PipelineConfig)
+    assert config.data.path == Path("some/data")
+    assert config.data.train_splits == ["train"] and config.data.max_subjects_per_split == 3
+    assert config.validation.image_shape == (32, 32) and config.validation.min_group_count == 2
+    assert config.training.method == "baseline" and config.training.max_steps == 4
+    assert config.evaluation.extractor.name == "randcnn" and config.evaluation.extractor.dim == 16
+    assert config.gate.max_es_fid == 50.0 and config.gate.max_group_fid_gap is None
+    # Omitted keys take their defaults.
+    assert config.training.fair_time_window == 30
+    assert config.data.attributes == FAIRGENMED_ATTRIBUTES
+    assert config_to_dict(config)["validation"]["image_shape"] == [32, 32]
+
+
+def test_bundled_demo_config_loads() -> None:
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    assert config.evaluation.extractor.name == "randcnn"
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == PipelineConfig()
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "fragment"),
+    [
+        ({"training": {"max_step": 4}}, "training.max_step", "Extra inputs are not permitted"),
+        ({"bogus_section": {}}, "bogus_section", "Extra inputs are not permitted"),
+        ({"training": {"max_steps": "many"}}, "training.max_steps", "integer"),
+        ({"training": {"max_steps": 0}}, "training.max_steps", "greater than or equal to 1"),
+        ({"training": {"method": "magic"}}, "training.method", "'fair' or 'baseline'"),
+        ({"evaluation": {"extractor": {"dim": "x"}}}, "evaluation.extractor.dim", "integer"),
+        ({"validation": {"image_shape": [32]}}, "validation.image_shape", ""),
+        ({"data": {"attributes": {"race": ["Asian"]}}}, "data.attributes", "two or more distinct groups"),
+    ],
+)
+def test_bad_key_or_value_names_the_dotted_key(tmp_path: Path, document: dict, key: str, fragment: str) -> None:
+    path = write_yaml(tmp_path / "bad.yaml", document)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"  - {key}" in message
+    assert fragment in message
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "bad.yaml", {"training": {"max_steps": "x", "batch_size": 0}, "gate": {"typo": 1}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    for key in ("training.max_steps", "training.batch_size", "gate.typo"):
+        assert key in message
+
+
+def test_test_split_inside_train_splits(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "overlap.yaml", {"data": {"train_splits": ["train", "test"], "test_split": "test"}})
+    with pytest.raises(ConfigError, match=r"data\.test_split 'test' is also a training split"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="configuration file not found") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)
+
+
+def test_unparsable_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("training: {max_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = TrackingConfig(tracking_uri="sqlite:///outputs/mlflow.db").resolved_tracking_uri()
+    assert uri == f"sqlite:///{(tmp_path / 'outputs' / 'mlflow.db').resolve()}"
+    assert uri.startswith("sqlite:////")
+
+
+def test_absolute_and_non_sqlite_uris_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert TrackingConfig(tracking_uri="sqlite:////abs/x.db").resolved_tracking_uri() == "sqlite:////abs/x.db"
+    assert TrackingConfig(tracking_uri="http://mlflow:5000").resolved_tracking_uri() == "http://mlflow:5000"
+
+
+def test_environment_tracking_uri_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert TrackingConfig().resolved_tracking_uri() == "http://tracking.example:5000"
+    # A relative sqlite URI from the environment is made absolute too.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert TrackingConfig().resolved_tracking_uri() == f"sqlite:///{(tmp_path / 'env.db').resolve()}"
