@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import typer
 
-from fairdiffusion.config import PipelineConfig, load_config
+from fairdiffusion.config import PipelineConfig, TrackingConfig, config_to_dict, load_config, parse_config
 from fairdiffusion.errors import FairDiffusionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -41,17 +41,30 @@ class _NoTracebackForUserErrors(logging.Filter):
         return True
 
 
-def _run_pipeline(config: Path) -> None:
+def _run_pipeline(config: Path, force: bool = False) -> None:
     load_config(config)  # fail on a bad config before Prefect starts
     from flows.pipeline import fairdiffusion_pipeline
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
 
-    outcome = fairdiffusion_pipeline(config_path=str(config))
+    outcome = fairdiffusion_pipeline(config_path=str(config), force=force)
     cfg = load_config(config)
     uri = cfg.tracking.resolved_tracking_uri()
-    verdict = "PASSED: promoted to champion" if outcome.promoted else "FAILED: not promoted"
+    if outcome.status == "skipped":
+        typer.echo("")
+        typer.echo("Skipped        : nothing trained, nothing registered")
+        for reason in outcome.reasons:
+            typer.echo(f"  - {reason}")
+        typer.echo(f"Champion       : {outcome.model_name} v{outcome.version} (unchanged)")
+        typer.echo(f"MLflow run     : {outcome.run_id} (tags fd.skipped=true, fd.skip.reason)")
+        typer.echo("Retrain anyway : add --force (fairdiffusion demo --force, or run --config FILE --force)")
+        return
+    verdict = {
+        "champion": "PASSED: promoted to champion",
+        "awaiting-approval": "PASSED: awaiting approval (fairdiffusion approve --version N --reason TEXT)",
+        "rejected": "FAILED: not promoted",
+    }[outcome.status]
     typer.echo("")
     typer.echo(f"Gate decision  : {verdict} ({outcome.model_name} v{outcome.version})")
     for reason in outcome.reasons:
@@ -61,63 +74,117 @@ def _run_pipeline(config: Path) -> None:
     typer.echo(f"Report         : {outcome.report_path}")
     typer.echo(f"MLflow run     : {outcome.run_id}")
     typer.echo(f"Lineage        : fairdiffusion audit --model {outcome.model_name} --version {outcome.version}")
+    typer.echo(f"Audit page     : fairdiffusion audit --version {outcome.version} --report outputs/audit.html")
     typer.echo(f"MLflow UI      : mlflow ui --backend-store-uri {uri} --port 5000")
     typer.echo(
         f"                 then open http://127.0.0.1:5000/#/models/{outcome.model_name}/versions/{outcome.version}"
     )
 
 
+_FORCE = typer.Option(False, "--force", help="Train even if data and config are those the champion was trained on.")
+
+
 @app.command()
-def demo() -> None:
+def demo(force: bool = _FORCE) -> None:
     """Run the whole pipeline on the bundled synthetic demo data (CPU, embedded services)."""
-    _run_pipeline(DEMO_CONFIG)
+    _run_pipeline(DEMO_CONFIG, force)
 
 
 @app.command()
-def run(config: Path = typer.Option(..., "--config", "-c", help="Pipeline YAML config.")) -> None:
+def run(config: Path = typer.Option(..., "--config", "-c", help="Pipeline YAML config."), force: bool = _FORCE) -> None:
     """Run the whole pipeline with a config file."""
-    _run_pipeline(config)
+    _run_pipeline(config, force)
+
+
+_FORMAT = typer.Option(None, "--format", "-f", help="fairgenmed, ham10000 or chexpert (default: the config's).")
+
+
+def _data_section(cfg: PipelineConfig, data_dir: Path, data_format: str | None) -> PipelineConfig:
+    """The config with ``data.path`` replaced, and with ``--format``, ``data.format`` too.
+
+    Another format brings its own attributes, and any image shape is accepted: the
+    config's attributes and ``validation.image_shape`` describe its own format.
+    """
+    document = config_to_dict(cfg)
+    data = dict(document["data"])  # type: ignore[call-overload]
+    validation = dict(document["validation"])  # type: ignore[call-overload]
+    if data_format is not None and data_format != cfg.data.format:
+        data.pop("attributes")
+        validation["image_shape"] = None
+    data.update(path=str(data_dir), format=data_format or cfg.data.format)
+    return parse_config({**document, "data": data, "validation": validation}, source="--format/--config")
 
 
 @app.command()
 def validate(
-    data_dir: Path = typer.Argument(..., help="Dataset folder (FairGenMed layout)."),
+    data_dir: Path = typer.Argument(..., help="Dataset folder (in the layout of its format)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Config for thresholds and attributes."),
+    data_format: str | None = _FORMAT,
+    docs: Path | None = typer.Option(None, "--docs", help="Also write Great Expectations Data Docs (HTML) here."),
 ) -> None:
     """Validate a dataset with the Great Expectations suites; exit 1 on any failure."""
-    from fairdiffusion.fairgenmed import load_fairgenmed
+    from fairdiffusion.formats import load_dataset
     from fairdiffusion.validation import validate_dataset
 
-    cfg = _config_or_default(config)
-    splits = [*cfg.data.train_splits, cfg.data.test_split]
-    samples = load_fairgenmed(data_dir, splits, cfg.data.max_subjects_per_split)
-    result = validate_dataset(samples, cfg.data.attributes, cfg.validation, cfg.data.train_splits, cfg.data.test_split)
+    cfg = _data_section(_config_or_default(config), data_dir, data_format)
+    dataset = load_dataset(cfg.data)
+    result = validate_dataset(
+        dataset.samples,
+        cfg.data.attributes,
+        cfg.validation,
+        cfg.data.train_splits,
+        cfg.data.test_split,
+        schema=dataset.schema,
+        excluded=dataset.excluded,
+        docs_dir=docs,
+    )
     typer.echo(result.summary(), err=not result.success)
+    if docs is not None:
+        typer.echo(f"Data Docs: {docs / 'index.html'}", err=not result.success)
     if not result.success:
         raise typer.Exit(1)
 
 
 @data_app.command("show")
 def data_show(
-    data_dir: Path = typer.Argument(..., help="Dataset folder (FairGenMed layout)."),
+    data_dir: Path = typer.Argument(..., help="Dataset folder (in the layout of its format)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per subject, one per line."),
     config: Path | None = typer.Option(None, "--config", "-c"),
+    data_format: str | None = _FORMAT,
 ) -> None:
-    """Show the sample table a run would train and evaluate on."""
-    from fairdiffusion.fairgenmed import load_fairgenmed
+    """Show the sample table a run would train and evaluate on (and the rows the format excludes)."""
+    from fairdiffusion.formats import load_dataset
 
-    cfg = _config_or_default(config)
-    samples = load_fairgenmed(data_dir, [*cfg.data.train_splits, cfg.data.test_split], cfg.data.max_subjects_per_split)
-    columns = ["subject", "split", "prompt", *cfg.data.attributes]
+    cfg = _data_section(_config_or_default(config), data_dir, data_format)
+    dataset = load_dataset(cfg.data)
+    samples = dataset.samples
+    columns = ["subject", "patient_id", "split", "image_path", "prompt", *cfg.data.attributes, "source", "generated_by"]
     if as_json:
         for record in samples[columns].to_dict(orient="records"):
             typer.echo(json.dumps({k: (None if v != v else v) for k, v in record.items()}))
-        return
-    with_prompt = samples[columns]
-    typer.echo(with_prompt.to_string(index=False, max_colwidth=90))
-    typer.echo(
-        f"\n{len(samples)} subjects; " + ", ".join(f"{s}: {n}" for s, n in samples["split"].value_counts().items())
-    )
+    else:
+        shown = ["subject", "split", "source", *cfg.data.attributes, "prompt"]
+        typer.echo(samples[shown].to_string(index=False, max_colwidth=90))
+        typer.echo(
+            f"\n{len(samples)} subjects; " + ", ".join(f"{s}: {n}" for s, n in samples["split"].value_counts().items())
+        )
+    for line in dataset.exclusion_lines():
+        typer.echo(line, err=as_json)
+
+
+@data_app.command("diff")
+def data_diff(
+    rev_a: str = typer.Argument(..., help="Git revision of the data's .dvc file (before)."),
+    rev_b: str = typer.Argument(..., help="Git revision of the data's .dvc file (after)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Config naming data.dvc_file and the format."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """What changed between two data versions: subjects added/removed/changed, group counts before and after."""
+    from fairdiffusion.versioning import diff_data_versions
+
+    cfg = _config_or_default(config)
+    diff = diff_data_versions(cfg.data.dvc_file, rev_a, rev_b, cfg.data)
+    typer.echo(json.dumps(diff.to_dict(), indent=2) if as_json else diff.render())
 
 
 def _print_table(lineage: dict[str, object], prefix: str = "") -> None:
@@ -131,26 +198,161 @@ def _print_table(lineage: dict[str, object], prefix: str = "") -> None:
             typer.echo(f"{prefix}{key}: {value}")
 
 
+def _tracking(config: Path | None, model: str | None) -> TrackingConfig:
+    cfg = _config_or_default(config)
+    return cfg.tracking if model is None else cfg.tracking.model_copy(update={"model_name": model})
+
+
+_MODEL = typer.Option(None, "--model", help="Registered model name (default: the config's).")
+_CONFIG = typer.Option(None, "--config", "-c", help="Config naming the tracking URI (default configs/demo.yaml).")
+
+
 @app.command()
 def audit(
-    model: str | None = typer.Option(None, "--model", help="Registered model name (default: the config's)."),
+    model: str | None = _MODEL,
     version: str | None = typer.Option(None, "--version", help="Model version number."),
     alias: str | None = typer.Option(None, "--alias", help="Model alias, e.g. champion."),
-    as_json: bool = typer.Option(False, "--json", help="Print the lineage as one JSON object."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="Config naming the tracking URI."),
+    history: bool = typer.Option(False, "--history", help="List every decision on the model, oldest first."),
+    report: Path | None = typer.Option(None, "--report", help="Write a self-contained HTML audit page here."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    config: Path | None = _CONFIG,
 ) -> None:
-    """Print the lineage of a registered model version, read from MLflow alone."""
-    from fairdiffusion.registry import read_lineage
+    """Lineage of a model version, or the decision history, read from MLflow alone."""
+    from fairdiffusion import registry
 
+    tracking = _tracking(config, model)
+    if history and version is None and alias is None:
+        decisions = registry.decision_history(tracking)
+        if as_json:
+            typer.echo(json.dumps([d.to_dict() for d in decisions], indent=2))
+            return
+        typer.echo(f"{'when (UTC)':24} {'version':>7}  {'decision':10} {'who':22} {'data md5':14} policy   reasons")
+        for d in decisions:
+            typer.echo(
+                f"{d.at:24} {d.version:>7}  {d.decision:10} {d.actor[:22]:22} "
+                f"{(d.data_md5 or '')[:12]:14} {(d.policy_hash or '')[:8]:8} {'; '.join(d.reasons)}"
+            )
+        return
     if (version is None) == (alias is None):
-        raise FairDiffusionError("audit: give exactly one of --version N or --alias NAME")
-    cfg = _config_or_default(config)
-    tracking = cfg.tracking if model is None else cfg.tracking.model_copy(update={"model_name": model})
-    lineage = read_lineage(tracking, version=version, alias=alias)
+        raise FairDiffusionError("audit: give exactly one of --version N or --alias NAME (or --history alone)")
+    lineage = registry.read_lineage(tracking, version=version, alias=alias)
+    if report is not None:
+        from fairdiffusion.audit_report import render_audit_page
+
+        page = render_audit_page(
+            lineage,
+            registry.decision_history(tracking),
+            registry.run_artifact_json(tracking, lineage["run_id"], "lineage/validation.json"),
+            registry.run_metrics(tracking, lineage["run_id"]),
+        )
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(page)
+        typer.echo(f"audit page written to {report}")
+        return
     if as_json:
         typer.echo(json.dumps(lineage, indent=2, sort_keys=True, default=str))
     else:
         _print_table(lineage)
+
+
+_REASON = typer.Option(..., "--reason", help="Why; recorded in the audit trail.")
+
+
+@app.command()
+def approve(
+    version: str = typer.Option(..., "--version", help="The version that passed the gate and waits."),
+    reason: str = _REASON,
+    approver: str | None = typer.Option(
+        None, "--approver", help="Who approves (default $FAIRDIFFUSION_ACTOR or user)."
+    ),
+    model: str | None = _MODEL,
+    config: Path | None = _CONFIG,
+) -> None:
+    """Promote a version that passed the gate (when require_approval is on); recorded."""
+    from fairdiffusion import registry
+
+    tracking = _tracking(config, model)
+    record = registry.approve_version(tracking, version, reason, registry.current_actor(approver))
+    typer.echo(f"approved: {tracking.model_name} v{record.version} is champion (was v{record.champion_before})")
+
+
+@app.command()
+def promote(
+    version: str = typer.Option(..., "--version", help="The version to make champion."),
+    force: bool = typer.Option(False, "--force", help="Required: this overrides the fairness gate."),
+    reason: str = _REASON,
+    actor: str | None = typer.Option(None, "--actor", help="Who overrides (default $FAIRDIFFUSION_ACTOR or user)."),
+    model: str | None = _MODEL,
+    config: Path | None = _CONFIG,
+) -> None:
+    """Override the gate for one version (``--force --reason`` required); recorded as an override."""
+    from fairdiffusion import registry
+
+    if not force:
+        raise FairDiffusionError(
+            "promote: the fairness gate decides promotions; use `approve` for a passing version, "
+            "or `promote --force --reason TEXT` to override it on the record"
+        )
+    tracking = _tracking(config, model)
+    record = registry.force_promote(tracking, version, reason, registry.current_actor(actor))
+    typer.echo(f"OVERRIDE recorded: {tracking.model_name} v{record.version} is champion ({'; '.join(record.reasons)})")
+
+
+@app.command()
+def rollback(
+    reason: str = _REASON,
+    actor: str | None = typer.Option(None, "--actor", help="Who rolls back (default $FAIRDIFFUSION_ACTOR or user)."),
+    model: str | None = _MODEL,
+    config: Path | None = _CONFIG,
+) -> None:
+    """Move champion back to previous-champion; recorded like any promotion."""
+    from fairdiffusion import registry
+
+    tracking = _tracking(config, model)
+    record = registry.rollback_champion(tracking, reason, registry.current_actor(actor))
+    typer.echo(f"rolled back: {tracking.model_name} champion v{record.champion_before} -> v{record.version}")
+
+
+@app.command()
+def report(
+    version: str = typer.Option(..., "--version", help="Registered model version."),
+    model: str | None = typer.Option(None, "--model", help="Registered model name (default: the config's)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Config naming the tracking URI."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default outputs/reports/<model>-v<N>)."),
+) -> None:
+    """Render the evaluation report (HTML, Markdown, charts) of a registered version from MLflow."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    from fairdiffusion.registry import read_lineage
+
+    cfg = _config_or_default(config)
+    tracking = cfg.tracking if model is None else cfg.tracking.model_copy(update={"model_name": model})
+    run_id = read_lineage(tracking, version=version)["run_id"]
+    from fairdiffusion.evaluation import EvaluationReport
+    from fairdiffusion.report import render_report_files
+
+    target = out or Path("outputs") / "reports" / f"{tracking.model_name}-v{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(
+                download_artifacts(
+                    run_id=run_id,
+                    artifact_path="evaluation",
+                    dst_path=tmp,
+                    tracking_uri=tracking.resolved_tracking_uri(),
+                )
+            )
+            data = json.loads((local / "evaluation.json").read_text())
+        except Exception as error:  # noqa: BLE001 - any failure to read means there is no report to render
+            raise FairDiffusionError(
+                f"report: {tracking.model_name} v{version} (run {run_id}) has no readable evaluation ({error})"
+            ) from None
+        files = render_report_files(EvaluationReport.from_dict(data), target, grid_dir=local)
+    typer.echo(f"report of {tracking.model_name} v{version} (run {run_id}):")
+    for name in ("html", "markdown", "json"):
+        typer.echo(f"  {name:8} {files[name]}")
 
 
 def main() -> None:

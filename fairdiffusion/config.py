@@ -10,12 +10,21 @@ Relative paths in a config are resolved against the directory the command runs i
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fairdiffusion.errors import ConfigError
 
@@ -25,16 +34,73 @@ FAIRGENMED_ATTRIBUTES: dict[str, list[str]] = {
     "gender": ["Female", "Male"],
     "ethnicity": ["Non-Hispanic", "Hispanic"],
 }
+#: HAM10000's attributes as the paper uses them (FairDiffusion Sec. 4.1): sex and age group.
+HAM10000_ATTRIBUTES: dict[str, list[str]] = {
+    "sex": ["Female", "Male"],
+    "age_group": ["under 60", "60 or older"],
+}
+#: CheXpert's attributes as the paper uses them: sex and race (Asian, Black, White).
+CHEXPERT_ATTRIBUTES: dict[str, list[str]] = {
+    "sex": ["Female", "Male"],
+    "race": ["Asian", "Black", "White"],
+}
+#: Every attribute each dataset format can provide (a config picks a subset).
+FORMAT_ATTRIBUTES: dict[str, dict[str, list[str]]] = {
+    "fairgenmed": FAIRGENMED_ATTRIBUTES,
+    "ham10000": HAM10000_ATTRIBUTES,
+    "chexpert": CHEXPERT_ATTRIBUTES | {"ethnicity": ["Non-Hispanic", "Hispanic"]},
+}
+#: The attributes a format uses when the config names none.
+DEFAULT_ATTRIBUTES: dict[str, dict[str, list[str]]] = {
+    "fairgenmed": FAIRGENMED_ATTRIBUTES,
+    "ham10000": HAM10000_ATTRIBUTES,
+    "chexpert": CHEXPERT_ATTRIBUTES,
+}
+#: CheXpert's 14 observations, as the columns of its train.csv and valid.csv name them.
+CHEXPERT_OBSERVATIONS = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_FRONTAL: tuple[Literal["Frontal", "Lateral"], ...] = ("Frontal",)
+
+
+class CheXpertConfig(_Section):
+    """CheXpert specifics: which observation the prompt names, and the demographics table."""
+
+    #: The observation the prompt names (paper: Pleural Effusion). Uncertain (-1) and
+    #: blank count as negative, as the paper does.
+    target: Literal[CHEXPERT_OBSERVATIONS] = "Pleural Effusion"  # type: ignore[valid-type]
+    #: The demographics table (PATIENT, PRIMARY_RACE, ETHNICITY), CSV or the published
+    #: xlsx; relative to ``data.path``.
+    demographics: Path = Path("CHEXPERT DEMO.xlsx")
+    #: Views kept (``Frontal/Lateral`` column).
+    views: list[Literal["Frontal", "Lateral"]] = Field(default_factory=lambda: list(_FRONTAL), min_length=1)
+
+
 class DataConfig(_Section):
     """Where the dataset lives, how it is versioned and how it is read."""
 
-    format: Literal["fairgenmed"] = "fairgenmed"
+    #: ``fairgenmed`` (npz + data_summary.csv), ``ham10000`` (HAM10000_metadata.csv and
+    #: the image folders) or ``chexpert`` (train.csv/valid.csv + demographics).
+    format: Literal["fairgenmed", "ham10000", "chexpert"] = "fairgenmed"
     path: Path = Path("data")
     #: The DVC pointer file that names the dataset version; its folder is the DVC repo.
     dvc_file: Path = Path("data.dvc")
@@ -42,43 +108,166 @@ class DataConfig(_Section):
     pull: bool = True
     #: DVC remote to pull from; ``None`` uses the repo's default remote.
     remote: str | None = None
-    attributes: dict[str, list[str]] = Field(default_factory=lambda: dict(FAIRGENMED_ATTRIBUTES))
+    #: Protected attribute -> groups; omitted: the format's (FairGenMed: race, gender,
+    #: ethnicity; HAM10000: sex, age_group; CheXpert: sex, race).
+    attributes: dict[str, list[str]] = Field(default_factory=lambda: copy.deepcopy(FAIRGENMED_ATTRIBUTES))
     train_splits: list[str] = Field(default_factory=lambda: ["train", "val"])
     test_split: str = "test"
     #: Use at most this many subjects per split (``None``: all). For smoke runs.
     max_subjects_per_split: int | None = None
+    #: HAM10000 and CheXpert publish no usable split: each lesion (HAM10000) or patient
+    #: (CheXpert) goes to a split by a hash of its id and ``split_seed``, in these
+    #: proportions. A hash, not a shuffle, so growing the data never moves an existing
+    #: lesion or patient to another split. Keys: the training splits and the test split.
+    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
+    split_seed: int = 0
+    chexpert: CheXpertConfig = CheXpertConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_default_attributes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "attributes" not in data:
+            defaults = DEFAULT_ATTRIBUTES.get(str(data.get("format", "fairgenmed")))
+            if defaults is not None:
+                data = {**data, "attributes": copy.deepcopy(defaults)}
+        return data
 
     @field_validator("attributes")
     @classmethod
-    def _attributes_have_groups(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+    def _attributes_have_groups(cls, value: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
         if not value:
             raise ValueError("at least one protected attribute is required")
         for name, groups in value.items():
             if len(groups) < 2 or len(set(groups)) != len(groups):
                 raise ValueError(f"attribute '{name}' needs two or more distinct groups")
+        known = FORMAT_ATTRIBUTES.get(str(info.data.get("format")))
+        if known is not None:
+            for name in value:
+                if name not in known:
+                    raise ValueError(
+                        f"'{name}' is not an attribute of format '{info.data.get('format')}' "
+                        f"(it provides {', '.join(known)})"
+                    )
         return value
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(fraction <= 0 for fraction in value.values()):
+            raise ValueError("every split fraction must be above 0")
+        if abs(sum(value.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must add up to 1 (they add up to {sum(value.values()):g})")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions_name_the_splits(self) -> DataConfig:
+        if self.format != "fairgenmed":
+            wanted = {*self.train_splits, self.test_split}
+            if set(self.split_fractions) != wanted:
+                raise ValueError(
+                    f"split_fractions names {sorted(self.split_fractions)} but format '{self.format}' "
+                    f"needs exactly the training and test splits {sorted(wanted)}"
+                )
+        return self
 
 
 class ValidationConfig(_Section):
-    """Thresholds of the Great Expectations suite."""
+    """Thresholds of the Great Expectations suites."""
 
     #: Every group of every protected attribute needs at least this many subjects,
     #: in the training splits and in the test split separately.
     min_group_count: int = Field(5, ge=1)
-    #: Expected (height, width) of every image; ``None`` accepts any 2-D shape.
+    #: Per-group minimums that replace the ones above, keyed like ``race=Asian`` (or an
+    #: intersection, ``race=Asian&gender=Female``).
+    min_group_counts: dict[str, int] = Field(default_factory=dict)
+    #: Intersections of attributes whose every combination of groups is counted too,
+    #: e.g. ``[[race, gender]]``.
+    intersections: list[list[str]] = Field(default_factory=list)
+    #: The minimum of each intersection group, in training and in test.
+    min_intersection_count: int = Field(1, ge=1)
+    #: The main clinical label; ``None``: the format's (FairGenMed: glaucoma; HAM10000
+    #: and CheXpert: diagnosis). Each group needs both of its classes, in training and
+    #: in test, else the group's AUC is undefined.
+    main_label: str | None = None
+    #: Each group needs at least this many subjects of each class of the main label.
+    min_class_count: int = Field(1, ge=1)
+    #: Expected (height, width) of every image; ``None`` accepts any shape.
     image_shape: tuple[int, int] | None = None
+    image_dtype: str = "uint8"
+    #: Every pixel value lies in [low, high].
+    intensity_range: tuple[float, float] = (0, 255)
+    #: Rows whose ``source`` is ``synthetic`` may make up at most this share of the
+    #: training splits (the test split must be entirely real). Bounds a self-consuming loop.
+    max_synthetic_fraction: float = Field(0.2, ge=0, le=1)
+    #: Compared with the data the current champion was trained on, no group's share of
+    #: its attribute (in training or in test) may move by more than this (0.05: five
+    #: percentage points) ...
+    max_share_shift: float = Field(0.05, ge=0, le=1)
+    #: ... unless acknowledged here: ``race=Asian: "why"`` (the reason is recorded).
+    acknowledged_shifts: dict[str, str] = Field(default_factory=dict)
+    #: Threads that decode images (zlib, JPEG and hashing release the GIL).
+    workers: int = Field(2, ge=1)
+
+    @field_validator("intersections")
+    @classmethod
+    def _intersections_pair_attributes(cls, value: list[list[str]]) -> list[list[str]]:
+        for names in value:
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise ValueError(f"{names}: an intersection needs two or more distinct attributes")
+        return value
+
+    @field_validator("acknowledged_shifts")
+    @classmethod
+    def _acknowledgements_give_reasons(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, reason in value.items():
+            if "=" not in key:
+                raise ValueError(f"'{key}': name a group as attribute=group, e.g. race=Asian")
+            if not str(reason).strip():
+                raise ValueError(f"'{key}': an acknowledgement needs a reason")
+        return value
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> ValidationConfig:
+        low, high = self.intensity_range
+        if low > high:
+            raise ValueError(f"intensity_range [{low:g}, {high:g}] is empty")
+        return self
 
 
 class ModelConfig(_Section):
     """Which Stable Diffusion pipeline to fine-tune."""
 
-    #: ``tiny`` builds a small pipeline from the real diffusers classes (random weights,
-    #: no download); anything else is a local folder or a hub id for ``from_pretrained``.
+    #: Architecture presets need no download: ``tiny`` builds a small pipeline from the
+    #: real diffusers classes (random weights; tests, CPU); ``sd-1.5`` and ``sd-2.1`` are
+    #: the real architectures at true size with random weights (throughput measurements).
+    #: Anything else is a local folder or a hub id for ``from_pretrained`` (real weights).
     pretrained: str = "tiny"
     #: Where the ``tiny`` pipeline is written and loaded back from.
     tiny_dir: Path = Path("outputs/tiny-sd")
     #: Hub downloads happen only when this is true and ``pretrained`` names a hub id.
     allow_download: bool = False
+
+
+class DistributedConfig(_Section):
+    """How many training processes run, and how the training task starts them."""
+
+    #: Processes per machine, one per GPU. With 1 process on 1 machine training runs
+    #: inside the calling process; otherwise the training task launches a subprocess.
+    num_processes: int = Field(1, ge=1)
+    num_machines: int = Field(1, ge=1)
+    #: This machine's rank (0 on the machine that runs the flow).
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str = "127.0.0.1"
+    main_process_port: int = Field(29500, ge=1, le=65535)
+    #: ``accelerate`` (``accelerate launch``, GPUs) or ``torchrun`` (also CPU processes over
+    #: gloo, which ``accelerate launch --cpu`` does not start here).
+    launcher: Literal["accelerate", "torchrun"] = "accelerate"
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> DistributedConfig:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -87,17 +276,76 @@ class TrainingConfig(_Section):
     method: Literal["fair", "baseline"] = "fair"
     output_dir: Path = Path("outputs/train")
     resolution: int = Field(32, ge=8)
+    #: Images per process and per micro-step; the global batch is
+    #: ``batch_size * processes * gradient_accumulation_steps``.
     batch_size: int = Field(8, ge=1)
+    #: Optimiser steps.
     max_steps: int = Field(60, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    #: A diffusers scheduler (``diffusers.optimization.get_scheduler``).
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    #: ``fp16`` needs a GPU; ``bf16`` works on recent GPUs and on the CPU.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: Recompute UNet activations in the backward pass: less memory, about 30% more time.
+    gradient_checkpointing: bool = False
+    #: Exponential moving average of the trained weights (diffusers' ``EMAModel``); the
+    #: saved pipeline then holds the EMA weights.
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    #: ``None``: as the pretrained noise scheduler says (SD 2.1: ``v_prediction``).
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    #: Min-SNR loss weighting (Hang et al. 2023); ``None``: unweighted. 5.0 is the usual value.
+    snr_gamma: float | None = Field(None, gt=0)
+    #: LoRA adapters on the UNet's attention projections (peft); ``None``: full fine-tuning.
+    #: The saved pipeline has the adapters merged; ``<output_dir>/lora`` keeps them alone.
+    lora_rank: int | None = Field(None, ge=1)
+    #: LoRA scaling numerator; ``None``: equal to ``lora_rank``.
+    lora_alpha: float | None = Field(None, gt=0)
+    #: Resize the short side to ``resolution``, then crop the centre (else a random crop).
+    center_crop: bool = True
+    #: Off by default: a horizontal flip swaps the laterality (left/right eye) of a fundus image.
+    random_flip: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
     seed: int = 0
+    #: Metrics go to MLflow every this many steps (and at every FBP window).
     log_every: int = Field(10, ge=1)
+    #: A checkpoint every this many steps and at the end (``None``: none, no resume).
+    checkpoint_every: int | None = Field(500, ge=1)
+    #: Complete checkpoints kept in ``<output_dir>/checkpoints`` (oldest removed first).
+    checkpoints_total_limit: int = Field(3, ge=1)
+    #: ``latest``: continue from the newest complete checkpoint (fresh start if none);
+    #: a path: continue from that checkpoint; ``None``: start fresh.
+    resume: str | None = None
+    #: A grid of generated samples per subgroup every this many steps, as an MLflow
+    #: artifact (``None``: none).
+    validation_every: int | None = Field(None, ge=1)
+    validation_images_per_group: int = Field(2, ge=1)
+    validation_inference_steps: int = Field(20, ge=1)
     #: Fair Bayesian Perturbation (paper Sec. 3.2): GP refit period in steps.
     fair_time_window: int = Field(30, ge=2)
     #: Weight kept on the GP's sigma at every step; the rest is uniform exploration.
     fair_exploitation_rate: float = Field(0.95, ge=0, le=1)
     ucb_beta: float = Field(0.1, ge=0)
+    #: 0: the paper's exact order (the GP is fitted on the training thread when a window
+    #: closes). k > 0: fitted on a background thread and applied k steps late (staleness k
+    #: steps; see :mod:`fairdiffusion.fbp`).
+    fair_fit_lag: int = Field(0, ge=0)
+    #: Warn when sigma sits at a bound, or the subgroup loss gap stays flat, this many windows.
+    fair_warn_windows: int = Field(5, ge=2)
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.fair_fit_lag >= self.fair_time_window:
+            raise ValueError(f"fair_fit_lag {self.fair_fit_lag} must be below fair_time_window {self.fair_time_window}")
+        if self.lora_rank is None and self.lora_alpha is not None:
+            raise ValueError("lora_alpha needs lora_rank")
+        return self
 
 
 class ExtractorConfig(_Section):
@@ -111,31 +359,79 @@ class ExtractorConfig(_Section):
     weights: Path | None = None
 
 
+class ClinicalConfig(_Section):
+    """Clinical semantics (paper Sec. 4.3): a classifier trained on the generated images
+    with the labels their prompts asked for, tested on the real test images (AUC)."""
+
+    enabled: bool = True
+    #: Prompted labels to predict; each gets AUC overall, per group, and ES-AUC.
+    #: ``None``: FairGenMed's (glaucoma, md_severity, cdr_status, se_status) that the
+    #: sample table has; a named label missing from the table is an error.
+    labels: list[str] | None = None
+    #: ``small``: a compact CNN trained from scratch (CPU, the demo). ``efficientnet`` /
+    #: ``vit``: transformers' EfficientNet / ViT fine-tuned from ``weights`` (GPU advised).
+    classifier: Literal["small", "efficientnet", "vit"] = "small"
+    #: Local folder (or, with ``allow_download``, hub id) of the efficientnet/vit weights.
+    weights: str | None = None
+    allow_download: bool = False
+    #: Images are resized (antialiased) to this size for the classifier.
+    resolution: int = Field(64, ge=16)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _pretrained_needs_weights(self) -> ClinicalConfig:
+        if self.enabled and self.classifier != "small" and self.weights is None:
+            raise ValueError(f"classifier '{self.classifier}' needs weights (a local folder or a hub id)")
+        return self
+
+
 class EvaluationConfig(_Section):
     """Generation of test images and the subgroup metrics computed on them."""
 
     output_dir: Path = Path("outputs/eval")
     extractor: ExtractorConfig = ExtractorConfig()
+    #: Paper: 75 steps, guidance 7.5 (FairDiffusion Sec. 4.1).
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     batch_size: int = Field(16, ge=1)
+    #: Image i is generated with seed ``seed + i``, whatever the batch size.
     seed: int = 1234
+    #: ``auto``: CUDA when present, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: ``auto``: fp16 on a GPU, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     #: Size images are resized to (antialiased) before feature extraction.
     feature_resolution: int = Field(64, ge=16)
+    #: Also report every intersection of groups of two or more attributes.
+    intersections: bool = True
+    #: Slices with fewer test images are flagged in the report.
+    min_slice_size: int = Field(10, ge=1)
+    #: Bootstrap resamples per slice and per attribute (0: no intervals).
+    bootstrap_resamples: int = Field(1000, ge=0)
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    #: ``bias_corrected``: percentiles shifted by the bootstrap bias (FID is inflated in
+    #: a resample); ``percentile``: plain percentiles.
+    ci_method: Literal["bias_corrected", "percentile"] = "bias_corrected"
+    #: Seeded subsamples per attribute for matched-sample-size values (0: none).
+    matched_draws: int = Field(20, ge=0)
+    #: Real and generated images per group in the report's sample grids.
+    grid_images_per_group: int = Field(4, ge=1)
+    #: Features are cached here by (model, data, extractor); ``None``: ``<output_dir>/cache``.
+    cache_dir: Path | None = None
+    clinical: ClinicalConfig = ClinicalConfig()
 
 
 class GateConfig(_Section):
-    """Fairness gate: every rule is on unless its threshold is set to ``null``."""
+    """The fairness gate: its policy file and whether a person must approve a pass."""
 
-    #: Ceiling on each attribute's equity-scaled FID.
-    max_es_fid: float | None = Field(None, gt=0)
-    #: Ceiling on the largest FID difference between two groups of one attribute.
-    max_group_fid_gap: float | None = Field(None, gt=0)
-    #: Every slice used by a rule needs at least this many test images.
-    min_slice_size: int = Field(3, ge=1)
-    #: Candidate may be at most this much worse (relative) than the champion on
-    #: overall FID and on each attribute's ES-FID.
-    regression_tolerance: float = Field(0.10, ge=0)
+    #: The policy YAML (rules and tolerances), versioned in the repo; its sha256 is
+    #: recorded with every decision. See ``policies/`` and :mod:`fairdiffusion.policy`.
+    policy: Path = Path("policies/demo.yaml")
+    #: When true, a passing candidate waits for ``fairdiffusion approve``.
+    require_approval: bool = False
 
 
 class TrackingConfig(_Section):
@@ -144,6 +440,8 @@ class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///outputs/mlflow.db"
     artifact_root: Path = Path("outputs/mlartifacts")
     experiment: str = "fairdiffusion"
+    #: Every gate decision, approval, override and rollback is one immutable run here.
+    audit_experiment: str = "fairdiffusion-audit"
     model_name: str = "fairdiffusion"
 
     def resolved_tracking_uri(self) -> str:
@@ -170,6 +468,24 @@ class PipelineConfig(_Section):
     def _splits_are_disjoint(self) -> PipelineConfig:
         if self.data.test_split in self.data.train_splits:
             raise ValueError(f"data.test_split '{self.data.test_split}' is also a training split")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_names_configured_groups(self) -> PipelineConfig:
+        attributes = self.data.attributes
+        for names in self.validation.intersections:
+            unknown = [name for name in names if name not in attributes]
+            if unknown:
+                raise ValueError(f"validation.intersections: {unknown} not in data.attributes {list(attributes)}")
+        for field, keys in (
+            ("acknowledged_shifts", self.validation.acknowledged_shifts),
+            ("min_group_counts", self.validation.min_group_counts),
+        ):
+            for key in keys:
+                for part in key.split("&"):
+                    attribute, _, group = part.partition("=")
+                    if group not in attributes.get(attribute, []):
+                        raise ValueError(f"validation.{field}: '{key}' names no group of data.attributes")
         return self
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fairdiffusion.fairgenmed import NewSubject
+
 RACES = [(0, 0.10), (1, 0.20), (2, 0.70)]  # Asian, Black, White
 RACE_STRINGS = {0: "Asian", 1: "Black or African American", 2: "White or Caucasian"}
 _PIGMENT = {0: 6.0, 1: -18.0, 2: 10.0}
@@ -77,12 +79,24 @@ def _sample_labels(rng: np.random.Generator) -> dict[str, object]:
     }
 
 
-def render_fundus(labels: dict[str, object], size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one synthetic SLO fundus image (2-D uint8) whose look follows its labels."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+def render_fundus(labels: dict[str, object], size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Render one synthetic SLO fundus image (2-D uint8) whose look follows its labels.
+
+    Args:
+        labels: One subject's labels (see ``_sample_labels``).
+        size: The side of a square image, or (height, width); FairGenMed's is (664, 512).
+        rng: Draws the disc position, the vessels and the noise.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    scale = min(height, width)
+    # Normalised coordinates: the fundus field is a circle in the middle of the image.
+    yy = (np.arange(height, dtype=np.float64)[:, None] - (height - scale) / 2) / scale
+    xx = (np.arange(width, dtype=np.float64)[None, :] - (width - scale) / 2) / scale
+    yy, xx = np.broadcast_arrays(yy, xx)
     centre = 0.5
     field = (yy - centre) ** 2 + (xx - centre) ** 2 < 0.47**2
-    image = 85.0 + _PIGMENT[_race_code(labels)] + 25.0 * (1 - 2 * np.hypot(yy - centre, xx - centre))
+    radius = np.hypot(yy - centre, xx - centre)
+    image = 85.0 + _PIGMENT[_race_code(labels)] + 25.0 * (1 - 2 * radius)
 
     disc_y, disc_x = 0.5 + rng.normal(0, 0.03), 0.66 + rng.normal(0, 0.03)
     disc_r = 0.11 + rng.normal(0, 0.008)
@@ -97,13 +111,36 @@ def render_fundus(labels: dict[str, object], size: int, rng: np.random.Generator
         t = np.linspace(0, 0.6, 200)
         path_y = disc_y + t * np.sin(angle) + curvature * t**2 * np.cos(angle)
         path_x = disc_x - t * np.abs(np.cos(angle)) - 0.1 * t
-        d = np.min(np.hypot(yy[..., None] - path_y, xx[..., None] - path_x), axis=-1)
-        image -= 40.0 * np.exp(-((d * size / 0.9) ** 2))
+        d = _distance_to_path(yy, xx, path_y, path_x, scale)
+        near = np.isfinite(d)
+        image[near] -= 40.0 * np.exp(-((d[near] * scale / 0.9) ** 2))
 
-    image -= _VISION_DIM[str(labels["md_severity"])] * (0.6 + 0.4 * np.hypot(yy - 0.5, xx - 0.5) * 2)
+    image -= _VISION_DIM[str(labels["md_severity"])] * (0.6 + 0.4 * radius * 2)
     image += rng.normal(0, 5.0, image.shape)
     image = np.where(field, image, 0.0)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+#: Pixels farther than this from a vessel's centre line are left as they are: the
+#: vessel's darkening there, 40 * exp(-(8 / 0.9) ** 2) ~ 1e-33, is below float64's
+#: resolution at any intensity, so the image is the same as with exact distances.
+_VESSEL_REACH_PX = 8
+
+
+def _distance_to_path(yy: np.ndarray, xx: np.ndarray, path_y: np.ndarray, path_x: np.ndarray, scale: int) -> np.ndarray:
+    """Each pixel's distance to the nearest path point, computed only near the path (else inf)."""
+    height, width = yy.shape
+    offset_y, offset_x = (height - scale) / 2, (width - scale) / 2
+    reach = np.arange(-_VESSEL_REACH_PX, _VESSEL_REACH_PX + 1)
+    rows = np.rint(path_y * scale + offset_y).astype(np.int64)[:, None, None] + reach[None, :, None]
+    cols = np.rint(path_x * scale + offset_x).astype(np.int64)[:, None, None] + reach[None, None, :]
+    rows, cols = np.broadcast_arrays(rows, cols)
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    point = np.broadcast_to(np.arange(len(path_y))[:, None, None], rows.shape)[inside]
+    rows, cols = rows[inside], cols[inside]
+    distance = np.full((height, width), np.inf)
+    np.minimum.at(distance, (rows, cols), np.hypot(yy[rows, cols] - path_y[point], xx[rows, cols] - path_x[point]))
+    return distance
 
 
 def generate_demo_dataset(out_dir: str | Path, spec: DemoDatasetSpec | None = None) -> Path:
@@ -161,3 +198,37 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoDatasetSpec | None = No
     counts = f"train {spec.train}, val {spec.val}, test {spec.test}"
     (out / "README.md").write_text(DEMO_README.format(seed=spec.seed, counts=counts))
     return out
+
+
+def demo_subjects(
+    count: int, seed: int, image_size: int | tuple[int, int] = 64, race: str | None = None
+) -> list[NewSubject]:
+    """Synthetic subjects drawn like the demo's, to grow a dataset with :func:`fairdiffusion.fairgenmed.add_subjects`.
+
+    Args:
+        count: How many subjects.
+        seed: Seeds labels and images.
+        image_size: Side of a square image, or (height, width).
+        race: Make every subject this race (e.g. to shift a group's share); ``None``: as the demo draws.
+    """
+    rng = np.random.default_rng(seed)
+    races = {"Asian": 0, "Black": 1, "White": 2}
+    subjects = []
+    for _ in range(count):
+        labels = _sample_labels(rng)
+        if race is not None:
+            labels["race"] = races[race]
+        subjects.append(
+            NewSubject(
+                image=render_fundus(labels, image_size, rng),
+                race=["Asian", "Black", "White"][_race_code(labels)],
+                gender=["Female", "Male"][int(labels["male"])],  # type: ignore[call-overload]
+                ethnicity=["Non-Hispanic", "Hispanic"][int(labels["hispanic"])],  # type: ignore[call-overload]
+                glaucoma=["non-glaucoma", "glaucoma"][int(labels["glaucoma"])],  # type: ignore[call-overload]
+                md_severity=str(labels["md_severity"]),
+                cdr_status=str(labels["cdr_status"]),
+                se_status=str(labels["se_status"]),
+                rnflt_status=str(labels["rnflt_status"]),
+            )
+        )
+    return subjects

@@ -4,7 +4,10 @@ Layout: split folders (``train/``, ``val/``, ``test/``) holding, per subject,
 ``data_XXXXX.npz`` (``slo_fundus``, ``race``, ``male``, ``hispanic``, ``glaucoma``, ...)
 and ``slo_fundus_XXXXX.jpg``; at the top, ``data_summary.csv`` keyed by ``filename``
 (the npz name) with ``md_severity``, ``cdr_status``, ``near_vision_refraction_stage``
-and ``rnflt_status``.
+and ``rnflt_status``. Two optional columns of ``data_summary.csv`` carry provenance:
+``source`` (``real``, the default, or ``synthetic``) and ``generated_by`` (the model
+version that generated a synthetic subject); being in the CSV, they are versioned by
+DVC with the images.
 
 The loader is deliberately tolerant: a value it cannot decode is kept as its raw
 text, and an npz it cannot open is recorded in ``read_error``. Judging the table is
@@ -13,13 +16,16 @@ the validation suite's job, so every problem is reported at once, with the file.
 
 from __future__ import annotations
 
+import csv
 import re
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from fairdiffusion.errors import DatasetError
 
@@ -149,6 +155,7 @@ def load_fairgenmed(root: str | Path, splits: Sequence[str], max_subjects_per_sp
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
     summary = _read_summary(root)
+    by_file: dict[str, dict[str, object]] = summary.to_dict(orient="index")
     rows: list[dict[str, object]] = []
     for split in splits:
         split_dir = root / split
@@ -160,12 +167,13 @@ def load_fairgenmed(root: str | Path, splits: Sequence[str], max_subjects_per_sp
         for npz_path in npz_files:
             number = _NPZ_NAME.match(npz_path.name).group(1)  # type: ignore[union-attr]
             attributes, error = _read_npz_attributes(npz_path)
-            labels = summary.loc[npz_path.name] if npz_path.name in summary.index else None
+            labels = by_file.get(npz_path.name)
 
-            def label(column: str, labels: pd.Series | None = labels) -> str | None:
-                if labels is None or pd.isna(labels[column]):
+            def label(column: str, labels: dict[str, object] | None = labels) -> str | None:
+                value = None if labels is None else labels.get(column)
+                if value is None or pd.isna(value):
                     return None
-                return str(labels[column]).strip()
+                return str(value).strip()
 
             row: dict[str, object] = {
                 "subject": npz_path.stem,
@@ -181,8 +189,8 @@ def load_fairgenmed(root: str | Path, splits: Sequence[str], max_subjects_per_sp
                 "cdr_status": label("cdr_status"),
                 "se_status": label("near_vision_refraction_stage"),
                 "rnflt_status": label("rnflt_status") if "rnflt_status" in summary.columns else None,
-                "source": "real",
-                "generated_by": None,
+                "source": label("source") if "source" in summary.columns and label("source") else "real",
+                "generated_by": label("generated_by") if "generated_by" in summary.columns else None,
                 "read_error": error,
             }
             prompt_parts = [
@@ -200,3 +208,116 @@ def load_fairgenmed(root: str | Path, splits: Sequence[str], max_subjects_per_sp
             row["prompt"] = build_prompt(*prompt_parts) if all(prompt_parts) else None  # type: ignore[arg-type]
             rows.append(row)
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class NewSubject:
+    """One subject to add to a FairGenMed folder: its image and its labels, decoded."""
+
+    image: np.ndarray
+    race: str
+    gender: str
+    ethnicity: str
+    glaucoma: str
+    md_severity: str
+    cdr_status: str
+    se_status: str
+    rnflt_status: str | None = None
+
+
+def _code(codes: dict[object, str], label: str) -> int:
+    return next(int(code) for code, name in codes.items() if isinstance(code, int) and name == label)
+
+
+def write_subject(
+    split_dir: Path, number: int, subject: NewSubject, source: str = "real", generated_by: str | None = None
+) -> dict[str, str]:
+    """Write one subject's ``data_XXXXX.npz`` and ``slo_fundus_XXXXX.jpg``; return its summary row.
+
+    Raises:
+        DatasetError: if a label has no FairGenMed code.
+    """
+    name = f"data_{number:05d}.npz"
+    try:
+        race = _code(_RACE_CODES, subject.race)
+        male = _code(_GENDER_CODES, subject.gender)
+        hispanic = _code(_ETHNICITY_CODES, subject.ethnicity)
+        glaucoma = _code(_GLAUCOMA_CODES, subject.glaucoma)
+    except StopIteration:
+        raise DatasetError(f"{name}: a label of {subject!r:.200} has no FairGenMed code") from None
+    np.savez_compressed(
+        split_dir / name,
+        slo_fundus=subject.image,
+        race=np.asarray(race),
+        male=np.asarray(male),
+        hispanic=np.asarray(hispanic),
+        glaucoma=np.asarray(glaucoma),
+    )
+    Image.fromarray(subject.image).save(split_dir / f"slo_fundus_{number:05d}.jpg", quality=95)
+    return {
+        "filename": name,
+        "use": split_dir.name,
+        "md_severity": subject.md_severity,
+        "cdr_status": subject.cdr_status,
+        "near_vision_refraction_stage": subject.se_status,
+        "rnflt_status": subject.rnflt_status or "",
+        "source": source,
+        "generated_by": generated_by or "",
+    }
+
+
+def add_subjects(
+    root: str | Path,
+    split: str,
+    subjects: Sequence[NewSubject],
+    source: str = "real",
+    generated_by: str | None = None,
+) -> list[str]:
+    """Grow a FairGenMed folder: one npz and jpg per subject, one row each in ``data_summary.csv``.
+
+    Subjects are numbered after the highest existing ``data_XXXXX``. Then ``dvc add`` the
+    folder and commit ``data.dvc`` to make the grown data a version.
+
+    Args:
+        root: The dataset folder (with ``data_summary.csv``).
+        split: The split folder the subjects go to (created if absent).
+        subjects: Images (2-D uint8) and decoded labels.
+        source: ``real``, or ``synthetic`` for images a model generated.
+        generated_by: The generating model version; required for synthetic subjects.
+
+    Returns:
+        The new subject ids.
+
+    Raises:
+        DatasetError: if the folder has no summary, a label is unknown, or synthetic
+            subjects lack ``generated_by`` or are meant for a split other than training.
+    """
+    root = Path(root)
+    summary_path = root / "data_summary.csv"
+    if not summary_path.is_file():
+        raise DatasetError(f"{summary_path}: missing; add subjects to an existing FairGenMed folder")
+    if source not in ("real", "synthetic"):
+        raise DatasetError(f"source '{source}': must be 'real' or 'synthetic'")
+    if source == "synthetic" and not generated_by:
+        raise DatasetError("synthetic subjects need generated_by (the model version that made them)")
+    if source == "synthetic" and split == "test":
+        raise DatasetError("synthetic subjects never enter the test split (evaluation is on real images only)")
+    numbers = [int(m.group(1)) for p in root.glob("*/data_*.npz") if (m := _NPZ_NAME.match(p.name))]
+    number = max(numbers, default=0)
+    with summary_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    fields += [column for column in ("rnflt_status", "source", "generated_by") if column not in fields]
+    split_dir = root / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    added = []
+    for subject in subjects:
+        number += 1
+        rows.append(write_subject(split_dir, number, subject, source, generated_by))
+        added.append(f"data_{number:05d}")
+    with summary_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return added

@@ -7,11 +7,22 @@ sample's denoising loss is scaled by a random weight ``1 + sum_a sigma_g * eps``
 whose per-group scale ``sigma`` is tuned online by Bayesian optimisation (GP +
 UCB) to minimise the loss gap between demographic groups, while an exploitation
 / exploration mix keeps ``sigma`` moving between optimisations.
+
+By default (``fit_lag=0``) the GP is fitted and the acquisition maximised when a
+window closes, before the next step, exactly in the paper's order. With
+``fit_lag=k`` the fit runs on a background thread and its optimum replaces sigma
+``k`` steps after the window closed. The staleness is exactly ``k`` steps, fixed
+and independent of timing (the step waits for the fit if it is not done), so
+training stays reproducible and resumable; during those ``k`` steps sigma keeps
+its exploitation / exploration walk from the pre-fit value, and those steps are
+observed into the next window as usual.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +36,7 @@ __all__ = [
     "FBPStepResult",
     "FBPWindowRecord",
     "derive_seed",
+    "diagnose_windows",
 ]
 
 
@@ -72,6 +84,37 @@ class FBPWindowRecord:
     mean_gap: float
     sigma: list[float] = field(default_factory=list)
     fit_failed: bool = False
+    #: Step whose update first used this window's sigma (``step`` + ``fit_lag``).
+    applied_step: int | None = None
+
+
+@dataclass
+class _PendingFit:
+    xs: Tensor
+    ys: Tensor
+    window_index: int
+    close_step: int
+    apply_step: int
+    future: Future[tuple[Tensor | None, float | None, str | None]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "xs": self.xs.clone(),
+            "ys": self.ys.clone(),
+            "window_index": self.window_index,
+            "close_step": self.close_step,
+            "apply_step": self.apply_step,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> _PendingFit:
+        return cls(
+            state["xs"].to(torch.float64),
+            state["ys"].to(torch.float64),
+            int(state["window_index"]),
+            int(state["close_step"]),
+            int(state["apply_step"]),
+        )
 
 
 def derive_seed(*entropy: int) -> int:
@@ -97,6 +140,9 @@ class FBPController:
         seed: Base seed; shared by all processes.
         rank: Process index; only changes the ``eps`` stream of
             :meth:`sample_weights`.
+        fit_lag: 0 fits when the window closes (the paper's order); ``k`` in
+            ``[1, window)`` fits on a background thread and applies the optimum
+            ``k`` steps later.
     """
 
     def __init__(
@@ -107,6 +153,7 @@ class FBPController:
         ucb_beta: float = 0.1,
         seed: int = 0,
         rank: int = 0,
+        fit_lag: int = 0,
     ) -> None:
         if not attributes or any(len(g) == 0 for g in attributes.values()):
             raise ValueError("attributes must be non-empty, each with at least one group")
@@ -114,9 +161,11 @@ class FBPController:
             raise ValueError(f"window must be >= 1, got {window}")
         if not 0.0 <= exploitation_rate <= 1.0:
             raise ValueError(f"exploitation_rate must be in [0, 1], got {exploitation_rate}")
+        if not 0 <= fit_lag < window:
+            raise ValueError(f"fit_lag must be in [0, window), got {fit_lag} with window {window}")
         self.attributes = {name: list(groups) for name, groups in attributes.items()}
         self.window, self.exploitation_rate, self.ucb_beta = window, exploitation_rate, ucb_beta
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.fit_lag = seed, rank, fit_lag
         sizes = [len(g) for g in self.attributes.values()]
         self._sizes = torch.tensor(sizes)
         self._offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()])
@@ -133,6 +182,11 @@ class FBPController:
         self._win_y: list[float] = []
         self.steps: list[FBPStepRecord] = []
         self.windows: list[FBPWindowRecord] = []
+        #: Wall time spent inside this controller on the caller's thread (fits included
+        #: when ``fit_lag`` is 0; waits for an unfinished background fit otherwise).
+        self.busy_seconds = 0.0
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: _PendingFit | None = None
 
     @property
     def n_attributes(self) -> int:
@@ -174,6 +228,7 @@ class FBPController:
         Raises:
             ValueError: On a wrong shape or an out-of-range group code.
         """
+        started = time.perf_counter()
         gi = self._check_groups(group_index)
         # Paper ("Fair Bayesian Perturbation"): each sample's loss weight is 1
         # plus a zero-mean Gaussian perturbation per protected attribute, scaled
@@ -181,7 +236,9 @@ class FBPController:
         # paper), so they can be negative when sigma is large.
         eps = torch.randn(gi.shape, generator=self._eps_gen, dtype=torch.float64)
         scales = self.sigma[self._offsets + gi]
-        return (1.0 + (scales * eps).sum(dim=1)).to(device=group_index.device, dtype=dtype)
+        weights = (1.0 + (scales * eps).sum(dim=1)).to(device=group_index.device, dtype=dtype)
+        self.busy_seconds += time.perf_counter() - started
+        return weights
 
     def group_gaps(self, per_sample_loss: Tensor, group_index: Tensor) -> dict[str, float]:
         """Per-attribute loss gap over the groups present in the batch.
@@ -224,6 +281,7 @@ class FBPController:
         Returns:
             The :class:`FBPStepResult` of this step.
         """
+        started = time.perf_counter()
         gaps = self.group_gaps(per_sample_loss, group_index)
         # Paper: the BO objective is the negative sum of group loss gaps.
         y = -sum(gaps.values())
@@ -231,8 +289,13 @@ class FBPController:
         self.steps.append(FBPStepRecord(self.step, y, self.sigma.tolist()))
         self._win_x.append(self.sigma.clone())
         self._win_y.append(y)
+        if self._pending is not None and self.step >= self._pending.apply_step:
+            self._apply_pending(result)
         if len(self._win_y) >= self.window:
-            self._close_window(result)
+            if self.fit_lag == 0:
+                self._close_window(result)
+            else:
+                self._submit_window()
         # Order follows the authors' training script: the exploration mix is
         # applied on EVERY step, including right after a window's BO update
         # (so the GP candidate is already mixed once before it is first used).
@@ -241,23 +304,65 @@ class FBPController:
         self.sigma = rho * self.sigma + (1.0 - rho) * noise
         result.sigma = self.sigma.tolist()
         self.step += 1
+        self.busy_seconds += time.perf_counter() - started
         return result
 
     def _close_window(self, result: FBPStepResult) -> None:
         xs = torch.stack(self._win_x)
         ys = torch.tensor(self._win_y, dtype=torch.float64).unsqueeze(-1)
-        candidate: Tensor | None = None
-        acq: float | None = None
-        reason: str | None = None
+        candidate, acq, reason = self._optimise_window(xs, ys, self.window_index)
+        self._record_window(result, xs, ys, candidate, acq, reason, self.step)
+        self._win_x, self._win_y = [], []
+
+    def _optimise_window(
+        self, xs: Tensor, ys: Tensor, window_index: int
+    ) -> tuple[Tensor | None, float | None, str | None]:
         if float(ys.max() - ys.min()) == 0.0:
             # Constant objective (e.g. every batch held a single group): the
             # GP has nothing to learn and Standardize would divide by zero.
-            reason = "constant objective in window"
-        else:
-            try:
-                candidate, acq = self._fit_and_maximise(xs, ys)
-            except Exception as exc:  # any BO failure must not stop training
-                reason = f"{type(exc).__name__}: {exc}"
+            return None, None, "constant objective in window"
+        try:
+            candidate, acq = self._fit_and_maximise(xs, ys, window_index)
+        except Exception as exc:  # any BO failure must not stop training
+            return None, None, f"{type(exc).__name__}: {exc}"
+        return candidate, acq, None
+
+    def _submit_window(self) -> None:
+        xs = torch.stack(self._win_x)
+        ys = torch.tensor(self._win_y, dtype=torch.float64).unsqueeze(-1)
+        self._pending = _PendingFit(xs, ys, self.window_index, self.step, self.step + self.fit_lag)
+        self._start_pending()
+        self._win_x, self._win_y = [], []
+
+    def _start_pending(self) -> None:
+        assert self._pending is not None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fbp-fit")
+        pending = self._pending
+        pending.future = self._executor.submit(self._optimise_window, pending.xs, pending.ys, pending.window_index)
+
+    def _apply_pending(self, result: FBPStepResult) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None and pending.future is not None
+        candidate, acq, reason = pending.future.result()
+        self._record_window(result, pending.xs, pending.ys, candidate, acq, reason, pending.close_step)
+
+    def close(self) -> None:
+        """Stops the background fitting thread, if any (pending fits are dropped)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _record_window(
+        self,
+        result: FBPStepResult,
+        xs: Tensor,
+        ys: Tensor,
+        candidate: Tensor | None,
+        acq: float | None,
+        reason: str | None,
+        close_step: int,
+    ) -> None:
         if candidate is not None:
             self.sigma = candidate
         else:
@@ -268,19 +373,19 @@ class FBPController:
         self.windows.append(
             FBPWindowRecord(
                 window_index=self.window_index,
-                step=self.step,
+                step=close_step,
                 acquisition_value=acq,
                 mean_gap=-float(ys.mean()),
                 sigma=self.sigma.tolist(),
                 fit_failed=reason is not None,
+                applied_step=self.step,
             )
         )
         result.window_closed, result.acquisition_value = True, acq
         result.fit_failed, result.fit_failure_reason = reason is not None, reason
         self.window_index += 1
-        self._win_x, self._win_y = [], []
 
-    def _fit_and_maximise(self, xs: Tensor, ys: Tensor) -> tuple[Tensor, float]:
+    def _fit_and_maximise(self, xs: Tensor, ys: Tensor, window_index: int) -> tuple[Tensor, float]:
         # Imported lazily: botorch is heavy and only needed once per window.
         from botorch.acquisition import UpperConfidenceBound
         from botorch.fit import fit_gpytorch_mll
@@ -290,9 +395,12 @@ class FBPController:
 
         d = xs.shape[1]
         # Seeded and isolated from the global RNG, so every process gets the
-        # same candidate and the caller's RNG streams are left untouched.
+        # same candidate and the caller's RNG streams are left untouched. On the
+        # background thread (fit_lag > 0) this forks the global CPU generator
+        # while training runs, so the training loop must draw from its own
+        # generators, never the global one (fairdiffusion.training does).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + self.window_index)
+            torch.manual_seed(self.seed + window_index)
             gp = SingleTaskGP(xs.to(torch.float64), ys.to(torch.float64))
             fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
             ucb = UpperConfidenceBound(gp, beta=self.ucb_beta)
@@ -321,6 +429,9 @@ class FBPController:
             "window_index": self.window_index,
             "steps": [asdict(r) for r in self.steps],
             "windows": [asdict(r) for r in self.windows],
+            # A fit still running is saved as its inputs: it is deterministic, so
+            # a resumed run refits it and applies it at the same step.
+            "pending": None if self._pending is None else self._pending.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -347,3 +458,53 @@ class FBPController:
             self._eps_gen.manual_seed(derive_seed(self.seed, self.rank, self.step))
         self.steps = [FBPStepRecord(**r) for r in state["steps"]]
         self.windows = [FBPWindowRecord(**r) for r in state["windows"]]
+        pending = state.get("pending")
+        self._pending = None if pending is None else _PendingFit.from_state(pending)
+        if self._pending is not None:
+            self._start_pending()
+
+
+#: A gap whose range over the recent windows is below this fraction of its mean is flat.
+FLAT_GAP_TOLERANCE = 0.02
+#: Distance from 0 or 1 within which a sigma entry counts as sitting on the bound.
+BOUND_TOLERANCE = 1e-3
+
+
+def diagnose_windows(windows: Sequence[FBPWindowRecord], weight_names: Sequence[str], patience: int) -> dict[str, str]:
+    """Signs that Fair Bayesian Perturbation is visibly not working.
+
+    Looks at the last ``patience`` windows: a sigma entry that the GP put on the
+    same bound of the search box every time (the optimum lies outside the box, or
+    the objective does not depend on it), and a subgroup loss gap whose range is
+    below :data:`FLAT_GAP_TOLERANCE` of its mean (the perturbation does not move it).
+
+    Args:
+        windows: Window records, oldest first.
+        weight_names: Names of the sigma entries (``attribute=group``).
+        patience: How many recent windows must agree.
+
+    Returns:
+        A message per finding, keyed by what it is about (``sigma_at_bound/<name>`` or
+        ``flat_gap``) so that a caller can warn once per kind; empty when there are
+        fewer windows or nothing to report.
+    """
+    recent = list(windows)[-patience:]
+    if len(recent) < patience:
+        return {}
+    findings: dict[str, str] = {}
+    for j, name in enumerate(weight_names):
+        values = [w.sigma[j] for w in recent]
+        for bound in (0.0, 1.0):
+            if all(abs(v - bound) <= BOUND_TOLERANCE for v in values):
+                findings[f"sigma_at_bound/{name}"] = (
+                    f"sigma[{name}] sat at its bound {bound:g} for the last {patience} windows: the GP finds "
+                    "no better value inside [0, 1] (check the group's size and the loss gap)"
+                )
+    gaps = [w.mean_gap for w in recent]
+    mean = sum(gaps) / len(gaps)
+    if max(gaps) - min(gaps) <= FLAT_GAP_TOLERANCE * abs(mean):
+        findings["flat_gap"] = (
+            f"the subgroup loss gap stayed flat at {mean:.4g} (range {max(gaps) - min(gaps):.2g}) over the last "
+            f"{patience} windows: the perturbation is not moving it"
+        )
+    return findings

@@ -7,10 +7,14 @@
 - ``randcnn``: a fixed, seeded, randomly initialised conv net that needs no weights.
   Random-feature FID tracks distribution shift but is on another scale than
   Inception FID, so every metric it produces carries its name (``fid_randcnn32``).
+
+Each extractor reports a hash of its weights, recorded with every FID in the
+evaluation protocol, and says whether it has a classifier head (for IS).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -30,8 +34,16 @@ class FeatureExtractor(Protocol):
 
     name: str
     dim: int
+    #: sha256 of the weights (file bytes, or the seeded parameters), for the protocol.
+    weights_hash: str
+    #: Whether :meth:`logits` gives class logits (Inception Score needs them).
+    has_classifier_head: bool
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits of already-extracted features (only with a classifier head)."""
+        ...
 
 
 class RandomConvExtractor(nn.Module):
@@ -58,11 +70,20 @@ class RandomConvExtractor(nn.Module):
                     nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                     nn.init.zeros_(layer.bias)  # type: ignore[arg-type]
         self.eval()
+        digest = hashlib.sha256()
+        for tensor in self.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        self.weights_hash = digest.hexdigest()
+        self.has_classifier_head = False
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global-average-pooled activations of the last layer."""
         return self.net(images * 2 - 1).mean(dim=(2, 3)).double()
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """A random network has no classes; Inception Score is not defined for it."""
+        raise ValueError(f"{self.name} has no classifier head")
 
 
 class InceptionExtractor:
@@ -73,12 +94,28 @@ class InceptionExtractor:
 
     def __init__(self, weights: Path) -> None:
         self.weights = weights
+        self.weights_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
         self.model = torch.jit.load(str(weights), map_location="cpu").eval()
+        output = getattr(self.model, "output", None)
+        self._head = getattr(output, "weight", None)
+        self.has_classifier_head = self._head is not None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Features of images in [0, 1]; the network expects 0-255 and resizes itself."""
         return self.model(images * 255.0, return_features=True).double()
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The 1008 class logits of pool features, without the output bias.
+
+        The original Inception Score code multiplies the pool features by the softmax
+        weights without the bias, and torch-fidelity's ``logits_unbiased`` (torchmetrics'
+        IS default) does the same; so does this.
+        """
+        if self._head is None:
+            raise ValueError(f"{self.weights} has no output layer; Inception Score is not defined")
+        return features @ self._head.double().T
 
 
 def inception_weight_candidates(configured: Path | None) -> list[Path]:

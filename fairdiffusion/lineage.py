@@ -7,6 +7,7 @@ These are the stage-level bookkeeping functions the Prefect tasks call; they dec
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,9 +15,16 @@ from fairdiffusion import registry
 from fairdiffusion.config import PipelineConfig, config_to_dict
 from fairdiffusion.evaluation import EvaluationReport
 from fairdiffusion.gate import GateDecision, decide_promotion
+from fairdiffusion.policy import PolicyError, load_policy
 from fairdiffusion.training import TrainingResult
 from fairdiffusion.validation import ValidationResult
-from fairdiffusion.versioning import DataVersion, resolve_code_version
+from fairdiffusion.versioning import (
+    ChampionBaseline,
+    DataVersion,
+    SkipDecision,
+    config_fingerprint,
+    resolve_code_version,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class PromotionOutcome:
     model_name: str
     version: str
     promoted: bool
+    passed: bool
+    status: str
     reasons: list[str]
     compared_with_version: str | None
     run_id: str
@@ -64,35 +74,98 @@ def data_code_tags(data_version: DataVersion) -> dict[str, object]:
 
 
 def open_pipeline_run(config: PipelineConfig, data_version: DataVersion) -> str:
-    """Start the run, with the data/code version and the resolved config on it."""
+    """Start the run, with the data/code version and the resolved config (and its sha256) on it."""
     tags = {k: v if isinstance(v, str) else json.dumps(v) for k, v in data_code_tags(data_version).items()}
+    tags["fd.config.sha256"] = config_fingerprint(config)
     run_id = registry.start_run(
         config.tracking, run_name=f"{config.training.method}-{data_version.dvc_md5[:8]}", tags=tags
     )
     resolved = config_to_dict(config)
-    registry.log_params(config.tracking, run_id, _flatten("", resolved, {}))
+    # MLflow refuses '=' and '&' in param names; config keys such as race=Asian use them.
+    params = {re.sub(r"[^\w\-. :/]", ":", key): value for key, value in _flatten("", resolved, {}).items()}
+    registry.log_params(config.tracking, run_id, params)
     registry.log_json(config.tracking, run_id, resolved, "lineage/config.json")
     registry.log_json(config.tracking, run_id, data_version.to_dict(), "lineage/data_version.json")
     return run_id
 
 
+def read_champion_baseline(config: PipelineConfig) -> ChampionBaseline | None:
+    """The data md5, config sha256 and group counts the current champion's run recorded."""
+    champion = registry.find_champion(config.tracking)
+    if champion is None:
+        return None
+    tags = registry.run_tags(config.tracking, champion.run_id)
+    validation = registry.run_artifact_json(config.tracking, champion.run_id, "lineage/validation.json") or {}
+    return ChampionBaseline(
+        version=champion.version,
+        run_id=champion.run_id,
+        data_md5=champion.data_md5,
+        config_sha256=tags.get("fd.config.sha256"),
+        group_counts=validation.get("group_counts"),
+    )
+
+
+def record_skip_decision(config: PipelineConfig, run_id: str, decision: SkipDecision) -> PromotionOutcome | None:
+    """Record on the run whether it trains and why; a skipped run is closed here.
+
+    Returns:
+        The outcome of a skipped run (status ``skipped``, nothing registered), else ``None``.
+    """
+    tags: dict[str, object] = {"fd.skipped": str(decision.skip).lower(), "fd.skip.reason": decision.reason}
+    if decision.skip:
+        tags["mlflow.runName"] = f"skipped-{registry.run_tags(config.tracking, run_id).get('fd.data.dvc_md5', '')[:8]}"
+    registry.set_run_tags(config.tracking, run_id, tags)
+    if not decision.skip:
+        return None
+    registry.end_run(config.tracking, run_id, "FINISHED")
+    return PromotionOutcome(
+        model_name=config.tracking.model_name,
+        version=decision.champion_version or "",
+        promoted=False,
+        passed=False,
+        status="skipped",
+        reasons=[decision.reason],
+        compared_with_version=decision.champion_version,
+        run_id=run_id,
+        report_path="",
+    )
+
+
 def record_validation(config: PipelineConfig, run_id: str, result: ValidationResult) -> None:
-    """Validation outcome: tags for the lineage, the full result as an artifact."""
+    """Validation outcome: tags for the lineage, the full result and the Data Docs as artifacts."""
+    synthetic = result.synthetic
+    largest_shift = max((s.shift for s in result.share_shifts), default=0.0)
     registry.set_run_tags(
         config.tracking,
         run_id,
         {
             "fd.validation.success": str(result.success).lower(),
             "fd.validation.failed_expectations": result.failed_expectations,
+            "fd.validation.format": result.format,
+            "fd.validation.excluded": result.excluded,
+            # Which model versions' images are trained on: the self-consuming loop, visible.
+            "fd.validation.synthetic": {
+                "train_fraction": synthetic.get("train_fraction", 0.0),
+                "by_model": synthetic.get("by_model", {}),
+            },
+            "fd.validation.reference": result.reference or "",
+            "fd.validation.acknowledged_shifts": {
+                s.slice: s.acknowledged for s in result.share_shifts if s.acknowledged
+            },
         },
     )
     registry.log_json(config.tracking, run_id, result.to_dict(), "lineage/validation.json")
+    if result.data_docs and Path(result.data_docs).is_dir():
+        registry.log_artifacts(config.tracking, run_id, result.data_docs, "validation/data_docs")
     registry.log_metrics(
         config.tracking,
         run_id,
         {
             "validation/failed_expectations": len(result.failed),
             "validation/subjects": result.n_subjects,
+            "validation/excluded": result.n_excluded,
+            "validation/synthetic_fraction": float(synthetic.get("train_fraction", 0.0)),
+            "validation/largest_share_shift": largest_shift,
         },
     )
 
@@ -102,45 +175,120 @@ def record_training(config: PipelineConfig, run_id: str, result: TrainingResult)
     registry.set_run_tags(config.tracking, run_id, {"fd.training.method": result.method})
     registry.log_json(config.tracking, run_id, result.to_dict(), "lineage/training.json")
     trajectory = Path(config.training.output_dir) / "fbp_trajectory.json"
-    if trajectory.is_file():
-        registry.log_artifacts(config.tracking, run_id, trajectory.parent, "training")
+    if trajectory.is_file():  # only the trajectory: the folder also holds checkpoints
+        registry.log_artifact(config.tracking, run_id, trajectory, "training")
     registry.log_metrics(config.tracking, run_id, {"train/seconds": result.seconds}, step=result.steps)
 
 
 def record_evaluation(config: PipelineConfig, run_id: str, report: EvaluationReport) -> None:
-    """Every slice metric, the report and the generation protocol."""
+    """Every slice metric with its interval, the report (JSON, Markdown, HTML, charts, grids).
+
+    ``evaluation/evaluation.json`` and ``evaluation/grids/`` are what
+    ``fairdiffusion report --version N`` renders a registered version's report from.
+    """
     registry.log_metrics(config.tracking, run_id, report.metrics)
     registry.log_json(config.tracking, run_id, report.to_dict(), "evaluation/evaluation.json")
-    registry.log_text(config.tracking, run_id, report.to_markdown(), "evaluation/report.md")
+    written = Path(config.evaluation.output_dir)
+    markdown, page = written / "evaluation.md", written / "report.html"
+    registry.log_text(
+        config.tracking,
+        run_id,
+        markdown.read_text() if markdown.is_file() else report.to_markdown(),
+        "evaluation/report.md",
+    )
+    if page.is_file():
+        registry.log_text(config.tracking, run_id, page.read_text(), "evaluation/report.html")
+    for folder in ("charts", "grids"):
+        if (written / folder).is_dir():
+            registry.log_artifacts(config.tracking, run_id, written / folder, f"evaluation/{folder}")
 
 
 def gate_and_register(
-    config: PipelineConfig, run_id: str, training: TrainingResult, report: EvaluationReport
+    config: PipelineConfig,
+    run_id: str,
+    training: TrainingResult,
+    report: EvaluationReport,
+    actor: str | None = None,
 ) -> PromotionOutcome:
-    """Decide, register the version with its decision, and move aliases accordingly."""
-    champion = registry.find_champion(config.tracking)
-    decision: GateDecision = decide_promotion(
-        report.metrics,
-        champion.metrics if champion else None,
-        config.data.attributes,
-        report.extractor,
-        config.gate,
-        champion.version if champion else None,
-    )
-    registry.log_json(config.tracking, run_id, decision.to_dict(), "lineage/gate_decision.json")
-    run_tags = registry.run_tags(config.tracking, run_id)
-    lineage_tags = {k: v for k, v in run_tags.items() if k.startswith(("fd.data.", "fd.code."))}
-    lineage_tags["fd.training.method"] = training.method
-    registered = registry.register_candidate(
-        config.tracking, run_id, training.model_dir, decision.to_dict(), lineage_tags, champion
-    )
-    report_path = str(Path(config.evaluation.output_dir) / "evaluation.md")
+    """Judge the candidate, register it with its verdict, and promote it only on a pass.
+
+    The model is logged first (slow, no lock). Reading the champion, deciding,
+    registering and moving aliases then happen under the registry's promotion lock, so
+    a concurrent promotion can neither slip a new champion in between the comparison
+    and the alias move nor leave ``champion`` on a version that failed.
+    """
+    tracking = config.tracking
+    policy, policy_hash, policy_error = None, None, None
+    try:
+        policy, policy_hash = load_policy(config.gate.policy)
+    except PolicyError as error:
+        policy_error = str(error)
+    if policy is not None:
+        registry.log_text(tracking, run_id, Path(config.gate.policy).read_text(), "lineage/gate_policy.yaml")
+    run_tags = registry.run_tags(tracking, run_id)
+    candidate_md5 = run_tags.get("fd.data.dvc_md5")
+    evaluated_md5 = report.protocol.get("data_md5")
+    model_uri, model_id = registry.log_model(tracking, run_id, training.model_dir)
+    who = registry.current_actor(actor)
+
+    with registry.promotion_lock(tracking, holder=f"pipeline run {run_id}"):
+        champion = registry.find_champion(tracking)
+        decision: GateDecision = decide_promotion(
+            report.metrics,
+            champion.metrics if champion else None,
+            config.data.attributes,
+            report.extractor,
+            policy,
+            policy_hash=policy_hash,
+            policy_error=policy_error,
+            champion_version=champion.version if champion else None,
+            candidate_data_md5=candidate_md5,
+            evaluated_data_md5=str(evaluated_md5) if evaluated_md5 is not None else None,
+        )
+        registry.log_json(tracking, run_id, decision.to_dict(), "lineage/gate_decision.json")
+        promote = decision.passed and not config.gate.require_approval
+        status = "champion" if promote else ("awaiting-approval" if decision.passed else "rejected")
+        tags: dict[str, object] = {k: v for k, v in run_tags.items() if k.startswith(("fd.data.", "fd.code."))}
+        tags |= {
+            "fd.training.method": training.method,
+            "fd.gate.passed": str(decision.passed).lower(),
+            "fd.gate.reasons": decision.reasons,
+            "fd.gate.policy": decision.policy,
+            "fd.gate.policy_file": str(config.gate.policy),
+            "fd.gate.policy_hash": policy_hash or "",
+            "fd.gate.compared_with_version": decision.compared_with_version or "",
+            "fd.gate.decided_at": registry.now_iso(),
+            "fd.status": status,
+        }
+        verdict = "PASSED the fairness gate" if decision.passed else "FAILED the fairness gate"
+        description = verdict + (": " + "; ".join(decision.reasons) if decision.reasons else ".")
+        description += f" Status: {status}. Data md5 {candidate_md5}, code {run_tags.get('fd.code.git_commit')}"
+        description += f", policy {config.gate.policy} (sha256 {policy_hash})."
+        version = registry.register_version(tracking, run_id, model_uri, model_id, tags, description)
+        before = registry.move_champion(tracking, version) if promote else (champion.version if champion else None)
+        registry.record_decision(
+            tracking,
+            registry.DecisionRecord(
+                model=tracking.model_name,
+                version=version,
+                decision="pass" if decision.passed else "fail",
+                reasons=decision.reasons or [f"every rule of policy '{policy.name if policy else '?'}' passed"],
+                actor=f"pipeline ({who})",
+                at=registry.now_iso(),
+                data_md5=candidate_md5,
+                policy_hash=policy_hash,
+                champion_before=champion.version if champion else None,
+                champion_after=version if promote else before,
+            ),
+        )
     return PromotionOutcome(
-        model_name=registered.model_name,
-        version=registered.version,
-        promoted=registered.promoted,
+        model_name=tracking.model_name,
+        version=version,
+        promoted=promote,
+        passed=decision.passed,
+        status=status,
         reasons=decision.reasons,
         compared_with_version=decision.compared_with_version,
         run_id=run_id,
-        report_path=report_path,
+        report_path=str(Path(config.evaluation.output_dir) / "evaluation.md"),
     )

@@ -1,13 +1,22 @@
-"""Stage 1: the data version, pulled and checked against what DVC records."""
+"""Stage 1: the data version, pulled and checked against what DVC records, and compared with the champion's."""
 
 from __future__ import annotations
 
-import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 
+from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
-from fairdiffusion.fairgenmed import load_fairgenmed
-from fairdiffusion.versioning import DataVersion, pull_data, resolve_data_version, verify_data
+from fairdiffusion.formats import LoadedDataset, load_dataset
+from fairdiffusion.lineage import PromotionOutcome
+from fairdiffusion.versioning import (
+    ChampionBaseline,
+    DataVersion,
+    config_fingerprint,
+    decide_skip,
+    pull_data,
+    resolve_data_version,
+    verify_data,
+)
 
 
 @task(name="version_data", retries=2, retry_delay_seconds=5)
@@ -21,8 +30,27 @@ def version_data(config: PipelineConfig) -> DataVersion:
     return version
 
 
+@task(name="read_champion", retries=2, retry_delay_seconds=2)
+def read_champion(config: PipelineConfig) -> ChampionBaseline | None:
+    """The data, config and group counts the current champion was trained on (``None``: no champion)."""
+    return lineage.read_champion_baseline(config)
+
+
+@task(name="skip_if_unchanged", retries=2, retry_delay_seconds=2)
+def skip_if_unchanged(
+    config: PipelineConfig,
+    data_version: DataVersion,
+    champion: ChampionBaseline | None,
+    run_id: str,
+    force: bool = False,
+) -> PromotionOutcome | None:
+    """Record whether this run trains; a skipped run's outcome (nothing trained) is returned."""
+    decision = decide_skip(data_version.dvc_md5, config_fingerprint(config), champion, force)
+    get_run_logger().info("%s: %s", "skipping" if decision.skip else "training", decision.reason)
+    return lineage.record_skip_decision(config, run_id, decision)
+
+
 @task(name="load_samples")
-def load_samples(config: PipelineConfig) -> pd.DataFrame:
-    """Read the dataset into the sample table (train, val and test splits)."""
-    splits = [*config.data.train_splits, config.data.test_split]
-    return load_fairgenmed(config.data.path, splits, config.data.max_subjects_per_split)
+def load_samples(config: PipelineConfig) -> LoadedDataset:
+    """Read the dataset with its format's adapter (train, val and test splits; exclusions)."""
+    return load_dataset(config.data)

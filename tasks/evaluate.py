@@ -1,9 +1,12 @@
-"""Stage 4: generate for the held-out prompts and measure quality per subgroup."""
+"""Stage 4: generate for the held-out prompts and measure quality, equity and clinical semantics."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
@@ -13,9 +16,9 @@ from fairdiffusion.training import TrainingResult
 
 @task(name="evaluate_candidate", timeout_seconds=12 * 3600)
 def evaluate_candidate(
-    training: TrainingResult, samples: pd.DataFrame, config: PipelineConfig, run_id: str
+    training: TrainingResult, samples: pd.DataFrame, config: PipelineConfig, run_id: str, data_md5: str
 ) -> EvaluationReport:
-    """FID and equity-scaled FID overall and per group, logged to MLflow."""
+    """Every slice's FID/KID/IS with intervals, equity, and AUCs; logged to MLflow and published in Prefect."""
     test_rows = samples[samples["split"] == config.data.test_split]
     report = evaluate_model(
         training.model_dir,
@@ -23,6 +26,15 @@ def evaluate_candidate(
         config.data.attributes,
         config.training.resolution,
         config.evaluation,
+        data_version=data_md5,
     )
+    # The gate fails closed unless the evaluation names the data version it judged.
+    report = replace(report, protocol=report.protocol | {"data_md5": data_md5})
     lineage.record_evaluation(config, run_id, report)
+    create_markdown_artifact(
+        markdown=report.to_markdown(),
+        key="evaluation-report",
+        description=f"Subgroup evaluation of MLflow run {run_id}; charts, grids and report.html under its "
+        "evaluation/ artifacts",
+    )
     return report

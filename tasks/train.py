@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 
-from fairdiffusion import lineage, registry
+from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
+from fairdiffusion.launch import run_training
 from fairdiffusion.models import resolve_pretrained
-from fairdiffusion.training import TrainingResult, train_unet
+from fairdiffusion.training import TrainingResult
 
 
 @task(name="train_candidate", timeout_seconds=24 * 3600)
 def train_candidate(samples: pd.DataFrame, config: PipelineConfig, run_id: str) -> TrainingResult:
-    """Train on the training splits, logging losses and the FBP trajectory to MLflow."""
+    """Train on the training splits, logging losses and the FBP trajectory to MLflow.
+
+    One process trains here; more are started with ``accelerate launch`` (or
+    ``torchrun``) as a subprocess whose output is streamed to this task's log.
+    """
     source = resolve_pretrained(config.model.pretrained, config.model.tiny_dir, config.model.allow_download)
     train_rows = samples[samples["split"].isin(config.data.train_splits)]
-    result = train_unet(
-        train_rows,
-        config.data.attributes,
-        source,
-        config.training,
-        log_metrics=lambda metrics, step: registry.log_metrics(config.tracking, run_id, metrics, step),
-    )
+    result = run_training(train_rows, source, config, run_id, on_output=get_run_logger().info)
     lineage.record_training(config, run_id, result)
     return result

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
-import pandas as pd
+import tempfile
+from dataclasses import replace
+
 from prefect import task
 
 from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
 from fairdiffusion.errors import ValidationFailed
-from fairdiffusion.validation import ValidationResult, validate_dataset
+from fairdiffusion.formats import LoadedDataset
+from fairdiffusion.validation import ReferenceCounts, ValidationResult, validate_dataset
+from fairdiffusion.versioning import ChampionBaseline
 
 
 @task(name="validate_data")
-def validate_data(samples: pd.DataFrame, config: PipelineConfig, run_id: str) -> ValidationResult:
-    """Run the suites, record the result on the run, and raise if any expectation failed."""
-    result = validate_dataset(
-        samples,
-        config.data.attributes,
-        config.validation,
-        config.data.train_splits,
-        config.data.test_split,
-    )
-    lineage.record_validation(config, run_id, result)
+def validate_data(
+    dataset: LoadedDataset, config: PipelineConfig, run_id: str, champion: ChampionBaseline | None = None
+) -> ValidationResult:
+    """Run the suites (against the champion's group shares), record result and Data Docs, raise on failure."""
+    reference = None
+    if champion is not None and champion.group_counts:
+        label = f"champion v{champion.version} (data md5 {(champion.data_md5 or '?')[:12]})"
+        reference = ReferenceCounts(label, champion.group_counts)
+    with tempfile.TemporaryDirectory(prefix="fd-data-docs-") as docs:
+        result = validate_dataset(
+            dataset.samples,
+            config.data.attributes,
+            config.validation,
+            config.data.train_splits,
+            config.data.test_split,
+            schema=dataset.schema,
+            excluded=dataset.excluded,
+            reference=reference,
+            docs_dir=docs,
+        )
+        lineage.record_validation(config, run_id, result)
+    result = replace(result, data_docs=f"runs:/{run_id}/validation/data_docs" if result.data_docs else None)
     if not result.success:
         raise ValidationFailed(result.summary(), result)
     return result

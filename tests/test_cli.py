@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,18 @@ from pathlib import Path
 import pytest
 
 CLI = Path(sys.executable).with_name("fairdiffusion")
-ATTRIBUTE_KEYS = {"subject", "split", "prompt", "race", "gender", "ethnicity"}
+ATTRIBUTE_KEYS = {
+    "subject",
+    "patient_id",
+    "split",
+    "image_path",
+    "prompt",
+    "race",
+    "gender",
+    "ethnicity",
+    "source",
+    "generated_by",
+}
 
 
 def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -32,11 +44,13 @@ def test_console_script_is_installed() -> None:
     assert CLI.is_file(), f"{CLI} missing: install the package (pip install -e .)"
 
 
-def test_validate_clean_dataset(demo_dataset: Path, config_file: Path, tmp_path: Path) -> None:
-    done = run_cli("validate", demo_dataset, "--config", config_file, cwd=tmp_path)
+def test_validate_clean_dataset(valid_dataset: Path, config_file: Path, tmp_path: Path) -> None:
+    done = run_cli("validate", valid_dataset, "--config", config_file, "--docs", tmp_path / "docs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "validation passed" in done.stdout
     assert "on 80 subjects" in done.stdout
+    assert f"Data Docs: {tmp_path / 'docs' / 'index.html'}" in done.stdout
+    assert "fairdiffusion.samples" in (tmp_path / "docs" / "index.html").read_text()
 
 
 def test_validate_corrupted_dataset(copy_dataset: Path, config_file: Path, tmp_path: Path) -> None:
@@ -48,12 +62,12 @@ def test_validate_corrupted_dataset(copy_dataset: Path, config_file: Path, tmp_p
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     assert str(bad) in done.stderr  # the file
     assert bad.stem in done.stderr  # the subject
-    assert "every npz file can be opened and read" in done.stderr  # the rule
+    assert "every file can be found and read" in done.stderr  # the rule
     assert "image decodes" in done.stderr
 
 
-def test_data_show_json(demo_dataset: Path, config_file: Path, tmp_path: Path) -> None:
-    done = run_cli("data", "show", demo_dataset, "--json", "--config", config_file, cwd=tmp_path)
+def test_data_show_json(valid_dataset: Path, config_file: Path, tmp_path: Path) -> None:
+    done = run_cli("data", "show", valid_dataset, "--json", "--config", config_file, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 80
@@ -66,10 +80,10 @@ def test_data_show_json(demo_dataset: Path, config_file: Path, tmp_path: Path) -
     assert first["prompt"].startswith(f"SLO fundus image of a {first['race']} {first['gender']} {first['ethnicity']} ")
 
 
-def test_bad_config_is_one_message(demo_dataset: Path, tmp_path: Path) -> None:
+def test_bad_config_is_one_message(valid_dataset: Path, tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("training:\n  max_steps: lots\n")
-    done = run_cli("validate", demo_dataset, "--config", config, cwd=tmp_path)
+    done = run_cli("validate", valid_dataset, "--config", config, cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.startswith("error: ")
     assert "training.max_steps" in done.stderr and "Traceback" not in done.stderr
@@ -80,3 +94,59 @@ def test_missing_dataset_folder_is_one_message(config_file: Path, tmp_path: Path
     assert done.returncode == 1
     assert "dataset folder not found" in done.stderr and str(tmp_path / "absent") in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_data_show_ham10000_lists_the_table_and_exclusions(ham10000_dataset: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(ham10000_dataset, tmp_path / "HAM10000"))
+    metadata = root / "HAM10000_metadata.csv"
+    metadata.write_text(metadata.read_text().replace(",male,", ",unknown,", 1))
+    done = run_cli("data", "show", root, "--format", "ham10000", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(records) == 159 and {"sex", "age_group", "prompt", "image_path"} <= set(records[0])
+    assert records[0]["prompt"].startswith(f"Dermoscopic image of a {records[0]['sex']} ")
+    assert "1 row(s) excluded: unknown sex ('unknown')" in done.stderr
+    text = run_cli("data", "show", root, "--format", "ham10000", cwd=tmp_path)
+    assert "159 subjects" in text.stdout and "1 row(s) excluded" in text.stdout
+
+
+def test_validate_chexpert_with_format(chexpert_dataset: Path, tmp_path: Path) -> None:
+    done = run_cli("validate", chexpert_dataset, "--format", "chexpert", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "validation passed" in done.stdout and "on 200 subjects" in done.stdout
+
+
+def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A rerun with nothing changed says it skipped, why, and how to retrain anyway."""
+    import flows.pipeline
+    from fairdiffusion import cli
+    from fairdiffusion.lineage import PromotionOutcome
+
+    reason = "data (md5 6b5ef68bcbaf) and config (sha256 0123456789ab) are those champion v1 was trained on"
+    calls = []
+
+    def fake_pipeline(config_path: str, force: bool) -> PromotionOutcome:
+        calls.append(force)
+        return PromotionOutcome(
+            model_name="fairdiffusion",
+            version="1",
+            promoted=False,
+            passed=False,
+            status="skipped",
+            reasons=[f"{reason}: nothing new to train on"],
+            compared_with_version="1",
+            run_id="abc123",
+            report_path="",
+        )
+
+    monkeypatch.setattr(flows.pipeline, "fairdiffusion_pipeline", fake_pipeline)
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    cli._run_pipeline(config)
+    printed = capsys.readouterr().out
+    assert calls == [False]
+    assert "Skipped        : nothing trained, nothing registered" in printed
+    assert f"  - {reason}: nothing new to train on" in printed
+    assert "Champion       : fairdiffusion v1 (unchanged)" in printed
+    assert "fd.skipped=true" in printed and "--force" in printed
+    assert "Gate decision" not in printed

@@ -21,7 +21,7 @@ VALID = {
     "validation": {"min_group_count": 2, "image_shape": [32, 32]},
     "training": {"method": "baseline", "max_steps": 4, "learning_rate": 0.001},
     "evaluation": {"extractor": {"name": "randcnn", "dim": 16}},
-    "gate": {"max_es_fid": 50.0, "max_group_fid_gap": None},
+    "gate": {"policy": "policies/strict.yaml", "require_approval": True},
 }
 
 
@@ -38,7 +38,7 @@ def test_load_valid_config(tmp_path: Path) -> None:
     assert config.validation.image_shape == (32, 32) and config.validation.min_group_count == 2
     assert config.training.method == "baseline" and config.training.max_steps == 4
     assert config.evaluation.extractor.name == "randcnn" and config.evaluation.extractor.dim == 16
-    assert config.gate.max_es_fid == 50.0 and config.gate.max_group_fid_gap is None
+    assert config.gate.policy == Path("policies/strict.yaml") and config.gate.require_approval is True
     # Omitted keys take their defaults.
     assert config.training.fair_time_window == 30
     assert config.data.attributes == FAIRGENMED_ATTRIBUTES

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fairdiffusion.demo_data import DemoDatasetSpec, demo_subjects, generate_demo_dataset
 from fairdiffusion.errors import DatasetError
-from fairdiffusion.fairgenmed import SAMPLE_COLUMNS, build_prompt, load_fairgenmed
+from fairdiffusion.fairgenmed import SAMPLE_COLUMNS, NewSubject, add_subjects, build_prompt, load_fairgenmed
 
 SUMMARY_FIELDS = ["filename", "use", "md_severity", "cdr_status", "near_vision_refraction_stage", "rnflt_status"]
 
@@ -220,3 +221,56 @@ def test_max_subjects_per_split(demo_dataset: Path) -> None:
     full = load_fairgenmed(demo_dataset, ["train"])
     first = table[table["split"] == "train"]["subject"].tolist()
     assert first == sorted(full["subject"])[:3]
+
+
+def test_provenance_columns_of_the_summary(tmp_path: Path) -> None:
+    write_subject(tmp_path / "train", 1, race=0)
+    write_subject(tmp_path / "train", 2, race=1)
+    rows = [summary_row(1) | {"source": "synthetic", "generated_by": "fairdiffusion v3"}, summary_row(2)]
+    write_summary(tmp_path, rows, fields=[*SUMMARY_FIELDS, "source", "generated_by"])
+    table = load_fairgenmed(tmp_path, ["train"]).set_index("subject")
+    assert (table.loc["data_00001", "source"], table.loc["data_00001", "generated_by"]) == (
+        "synthetic",
+        "fairdiffusion v3",
+    )
+    assert table.loc["data_00002", "source"] == "real" and pd.isna(table.loc["data_00002", "generated_by"])
+
+
+def test_add_subjects_grows_the_folder_with_provenance(tmp_path: Path) -> None:
+    root = generate_demo_dataset(tmp_path / "data", DemoDatasetSpec(train=3, val=1, test=2, image_size=16, seed=1))
+    before = load_fairgenmed(root, ["train", "val", "test"])
+    real = add_subjects(root, "test", demo_subjects(2, seed=5, image_size=16))
+    synthetic = add_subjects(
+        root, "train", demo_subjects(3, seed=6, image_size=16), source="synthetic", generated_by="fd v1"
+    )
+    assert real == ["data_00007", "data_00008"] and synthetic == ["data_00009", "data_00010", "data_00011"]
+    after = load_fairgenmed(root, ["train", "val", "test"]).set_index("subject")
+    assert len(after) == len(before) + 5 and after["read_error"].isna().all() and after["prompt"].notna().all()
+    assert after.loc["data_00007", "split"] == "test" and after.loc["data_00007", "source"] == "real"
+    assert set(after.loc[synthetic, "source"]) == {"synthetic"} and set(after.loc[synthetic, "generated_by"]) == {
+        "fd v1"
+    }
+    assert after.loc[before["subject"], "source"].eq("real").all(), "existing rows keep their provenance"
+    with np.load(root / "train" / "data_00009.npz") as npz:
+        assert npz["slo_fundus"].shape == (16, 16) and npz["slo_fundus"].dtype == np.uint8
+
+
+def test_add_subjects_refuses_synthetic_test_rows_and_missing_model(tmp_path: Path) -> None:
+    root = generate_demo_dataset(tmp_path / "data", DemoDatasetSpec(train=2, val=1, test=1, image_size=16, seed=1))
+    subjects = demo_subjects(1, seed=2, image_size=16)
+    with pytest.raises(DatasetError, match="never enter the test split"):
+        add_subjects(root, "test", subjects, source="synthetic", generated_by="fd v1")
+    with pytest.raises(DatasetError, match="need generated_by"):
+        add_subjects(root, "train", subjects, source="synthetic")
+    bad = [NewSubject(**{**subjects[0].__dict__, "race": "Martian"})]
+    with pytest.raises(DatasetError, match="has no FairGenMed code"):
+        add_subjects(root, "train", bad)
+
+
+def test_render_fundus_at_fairgenmed_resolution() -> None:
+    from fairdiffusion.demo_data import _sample_labels, render_fundus
+
+    rng = np.random.default_rng(0)
+    image = render_fundus(_sample_labels(rng), (664, 512), rng)
+    assert image.shape == (664, 512) and image.dtype == np.uint8
+    assert image[0, 0] == 0 and image[332, 256] > 0, "dark corners, lit fundus field"

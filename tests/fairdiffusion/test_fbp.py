@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fairdiffusion.fbp import FBPController, FBPStepResult, derive_seed
+from fairdiffusion.fbp import FBPController, FBPStepResult, FBPWindowRecord, derive_seed, diagnose_windows
 
 ATTRS = {
     "race": ["Asian", "Black", "White"],
@@ -242,3 +242,65 @@ def test_bad_group_index_raises(gi: torch.Tensor, match: str) -> None:
         ctrl.sample_weights(gi)
     with pytest.raises(ValueError, match=match):
         ctrl.observe(torch.ones(gi.shape[0]), gi)
+
+
+def test_fit_lag_applies_the_same_optimum_k_steps_late() -> None:
+    sync = FBPController(ATTRS, window=5, seed=3)
+    lagged = FBPController(ATTRS, window=5, seed=3, fit_lag=2)
+    run(sync, 0, 5)
+    results = [r for r, _ in run(lagged, 0, 8)]
+    lagged.close()
+    assert [r.window_closed for r in results] == [False] * 6 + [True, False]
+    window = lagged.windows[0]
+    assert window.step == 4 and window.applied_step == 6  # closed at step 4, used from step 6
+    # The fit saw the same window, so it found the same optimum: only its use is late.
+    assert window.sigma == sync.windows[0].sigma
+    assert window.acquisition_value == sync.windows[0].acquisition_value
+    # Applied at step 6 before that step's decay, exactly as a synchronous fit is.
+    decay = torch.Generator().manual_seed(3)
+    noise = [torch.rand(7, generator=decay, dtype=torch.float64) for _ in range(7)]
+    expected = RHO * torch.tensor(window.sigma, dtype=torch.float64) + (1 - RHO) * noise[6]
+    torch.testing.assert_close(torch.tensor(results[6].sigma, dtype=torch.float64), expected)
+
+
+def test_fit_lag_state_round_trip_with_a_pending_fit_is_exact() -> None:
+    straight = FBPController(ATTRS, window=4, seed=8, fit_lag=2)
+    expected = run(straight, 0, 11)
+    straight.close()
+    first = FBPController(ATTRS, window=4, seed=8, fit_lag=2)
+    part1 = run(first, 0, 5)  # window closed at step 3, its fit applies at step 5: pending
+    state = first.state_dict()
+    first.close()
+    assert state["pending"] is not None and state["pending"]["apply_step"] == 5
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    resumed = FBPController(ATTRS, window=4, seed=8, fit_lag=2)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    part2 = run(resumed, 5, 11)
+    resumed.close()
+    for (ra, wa), (rb, wb) in zip(expected, part1 + part2, strict=True):
+        assert ra == rb and torch.equal(wa, wb)
+    assert resumed.windows == straight.windows and len(resumed.windows) == 2
+
+
+def test_fit_lag_must_be_shorter_than_the_window() -> None:
+    with pytest.raises(ValueError, match="fit_lag"):
+        FBPController(ATTRS, window=5, fit_lag=5)
+
+
+def window(index: int, sigma: list[float], gap: float) -> FBPWindowRecord:
+    return FBPWindowRecord(window_index=index, step=index, acquisition_value=0.0, mean_gap=gap, sigma=sigma)
+
+
+def test_diagnose_windows_flags_a_pinned_sigma_and_a_flat_gap() -> None:
+    names = ["race=Asian", "race=Black"]
+    pinned = [window(i, [1.0, 0.3 + 0.1 * i], 0.5 - 0.05 * i) for i in range(4)]
+    assert diagnose_windows(pinned[:2], names, patience=3) == {}  # too few windows yet
+    findings = diagnose_windows(pinned, names, patience=3)
+    assert list(findings) == ["sigma_at_bound/race=Asian"]
+    assert "bound 1" in findings["sigma_at_bound/race=Asian"]
+    flat = [window(i, [0.4, 0.6 - 0.1 * i], 0.2 + 1e-4 * i) for i in range(3)]
+    assert list(diagnose_windows(flat, names, patience=3)) == ["flat_gap"]
+    moving = [window(i, [0.4 + 0.1 * i, 0.0 + 0.2 * i], 0.2 - 0.05 * i) for i in range(3)]
+    assert diagnose_windows(moving, names, patience=3) == {}

@@ -153,3 +153,70 @@ def test_extract_features_with_real_extractor_and_empty_input() -> None:
     assert extract_features(extractor, images, resolution=16).shape == (4, 8)
     empty = extract_features(extractor, images[:0], resolution=16)
     assert empty.shape == (0, 8) and empty.dtype == torch.float64
+
+
+def test_weights_hash_names_the_exact_weights(scripted_inception: Path) -> None:
+    import hashlib
+
+    assert RandomConvExtractor(dim=8).weights_hash == RandomConvExtractor(dim=8).weights_hash
+    assert RandomConvExtractor(dim=8).weights_hash != RandomConvExtractor(dim=8, seed=1).weights_hash
+    extractor = InceptionExtractor(scripted_inception)
+    assert extractor.weights_hash == hashlib.sha256(scripted_inception.read_bytes()).hexdigest()
+
+
+class FakeInceptionWithHead(FakeInception):
+    """The FID network's layout: pool features, then ``output`` (2048 -> 1008 logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output = nn.Linear(2048, 1008)
+
+
+def test_inception_logits_use_the_output_weights_without_bias(tmp_path: Path) -> None:
+    path = tmp_path / "with-head.pt"
+    module = FakeInceptionWithHead()
+    torch.jit.script(module).save(str(path))
+    extractor = InceptionExtractor(path)
+    assert extractor.has_classifier_head
+    features = torch.rand(4, 2048, dtype=torch.float64)
+    expected = features @ module.output.weight.detach().double().T
+    torch.testing.assert_close(extractor.logits(features), expected)
+
+
+def test_extractors_without_a_head_refuse_logits(scripted_inception: Path) -> None:
+    for extractor in (RandomConvExtractor(dim=8), InceptionExtractor(scripted_inception)):
+        assert not extractor.has_classifier_head
+        with pytest.raises(ValueError, match="Inception Score|classifier head"):
+            extractor.logits(torch.zeros(1, extractor.dim, dtype=torch.float64))
+
+
+#: torch-fidelity's port of the same network, which torchmetrics' FID uses.
+TORCH_FIDELITY_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def test_fid_equals_torchmetrics_frechet_inception_distance_on_the_same_images() -> None:
+    """Where the Inception weights are on disk: our FID and torchmetrics' agree within 1e-3."""
+    import importlib.util
+
+    from fairdiffusion.metrics import fid_from_features
+
+    ours = next((p for p in inception_weight_candidates(None) if p.is_file()), None)
+    if ours is None:
+        looked = ", ".join(str(p) for p in inception_weight_candidates(None))
+        pytest.skip(f"no FID Inception weights ({INCEPTION_FILENAME}) on this machine (looked in {looked})")
+    theirs = ours.parent / TORCH_FIDELITY_WEIGHTS
+    if not theirs.is_file():
+        pytest.skip(f"no torch-fidelity Inception weights (torchmetrics' network) at {theirs}")
+    fid_module = pytest.importorskip("torchmetrics.image.fid", reason="torchmetrics is not installed")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        pytest.skip("torch-fidelity (torchmetrics' Inception network) is not installed")
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 3, 299, 299, generator=generator)
+    real = ((base + 0.3 * torch.rand(60, 3, 299, 299, generator=generator)).clamp(0, 1) * 255).to(torch.uint8)
+    fake = ((base.flip(-1) + 0.4 * torch.rand(60, 3, 299, 299, generator=generator)).clamp(0, 1) * 255).to(torch.uint8)
+    extractor = InceptionExtractor(ours)
+    features = [extract_features(extractor, x.permute(0, 2, 3, 1), 299).numpy() for x in (real, fake)]
+    metric = fid_module.FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(theirs))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert fid_from_features(*features) == pytest.approx(float(metric.compute()), rel=1e-3)

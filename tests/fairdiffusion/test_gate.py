@@ -7,12 +7,35 @@ import math
 
 import pytest
 
-from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, GateConfig
+from fairdiffusion.config import FAIRGENMED_ATTRIBUTES
 from fairdiffusion.gate import GateDecision, decide_promotion
 from fairdiffusion.metrics import equity_scaled, flatten_metrics
+from fairdiffusion.policy import GatePolicy
 
 X = "randcnn32"
-CONFIG = GateConfig(max_es_fid=100.0, max_group_fid_gap=5.0, min_slice_size=3, regression_tolerance=0.10)
+
+
+def make_policy(
+    max_es_fid: float | None = 100.0,
+    max_group_fid_gap: float | None = 5.0,
+    min_slice_size: int = 3,
+    regression_tolerance: float = 0.10,
+) -> GatePolicy:
+    """A policy with one tolerance for overall FID and ES-FID."""
+    return GatePolicy.model_validate(
+        {
+            "name": "test",
+            "absolute": {
+                "min_slice_size": min_slice_size,
+                "max_es_fid": max_es_fid,
+                "max_group_fid_gap": max_group_fid_gap,
+            },
+            "non_regression": {"fid_overall": regression_tolerance, "es_fid": regression_tolerance},
+        }
+    )
+
+
+CONFIG = make_policy()
 #: Per-group FIDs of a candidate that meets every rule of CONFIG:
 #: race D = 1 + 2 + 1 = 4 -> ES 50, gap 3; gender D = 1 -> ES 20, gap 1; ethnicity D = 2 -> ES 30, gap 2.
 GOOD_GROUPS = {
@@ -33,7 +56,7 @@ def make_metrics(overall: float = 10.0, groups: dict | None = None, size: float 
     return flatten_metrics(slices, equity, X)
 
 
-def decide(candidate, champion=None, config: GateConfig = CONFIG, version: str | None = None) -> GateDecision:
+def decide(candidate, champion=None, config: GatePolicy = CONFIG, version: str | None = None) -> GateDecision:
     return decide_promotion(candidate, champion, FAIRGENMED_ATTRIBUTES, X, config, champion_version=version)
 
 
@@ -54,12 +77,12 @@ def test_candidate_meeting_every_rule_passes() -> None:
     rules = {c.rule for c in decision.checks}
     assert rules == {"max_es_fid", "max_group_fid_gap"}  # checks that ran, all passed
     assert len(decision.checks) == 2 * len(FAIRGENMED_ATTRIBUTES)
-    assert decision.policy["extractor"] == X and decision.policy["max_es_fid"] == 100.0
+    assert decision.policy["extractor"] == X and decision.policy["absolute"]["max_es_fid"] == 100.0
     json.dumps(decision.to_dict())  # serialisable for the registry
 
 
 def test_max_es_fid_violated_alone() -> None:
-    decision = decide(make_metrics(), config=CONFIG.model_copy(update={"max_es_fid": 40.0}))
+    decision = decide(make_metrics(), config=make_policy(**{"max_es_fid": 40.0}))
     assert not decision.passed
     assert failed_rules(decision) == [("max_es_fid", f"es_fid_{X}/race")]
     assert len(decision.reasons) == 1
@@ -67,7 +90,7 @@ def test_max_es_fid_violated_alone() -> None:
 
 
 def test_max_group_fid_gap_violated_alone() -> None:
-    decision = decide(make_metrics(), config=CONFIG.model_copy(update={"max_group_fid_gap": 2.5}))
+    decision = decide(make_metrics(), config=make_policy(**{"max_group_fid_gap": 2.5}))
     assert not decision.passed
     assert failed_rules(decision) == [("max_group_fid_gap", f"fid_gap_{X}/race")]
     assert "largest FID gap between race groups 3 > 2.5" in decision.reasons[0]
@@ -79,7 +102,7 @@ def test_min_slice_size_violated_alone() -> None:
     decision = decide(metrics)
     assert not decision.passed
     assert failed_rules(decision) == [("min_slice_size", "num_samples/ethnicity/Hispanic")]
-    assert "slice ethnicity=Hispanic has 2.0 test images, below the minimum 3" in decision.reasons[0]
+    assert "slice ethnicity=Hispanic has 2 test images, below the minimum 3" in decision.reasons[0]
 
 
 def test_slice_at_the_minimum_passes() -> None:
@@ -89,7 +112,7 @@ def test_slice_at_the_minimum_passes() -> None:
 
 
 def test_rules_switched_off_with_null_thresholds() -> None:
-    config = CONFIG.model_copy(update={"max_es_fid": None, "max_group_fid_gap": None})
+    config = make_policy(**{"max_es_fid": None, "max_group_fid_gap": None})
     bad = make_metrics(groups={**GOOD_GROUPS, "race": {"Asian": 10.0, "Black": 90.0, "White": 10.0}})
     decision = decide(bad, config=config)
     assert decision.passed and decision.checks == []
@@ -135,7 +158,7 @@ def test_non_finite_or_missing_overall_fails_closed(bad: float | None) -> None:
 def test_nan_es_fid_fails_closed_even_without_thresholds() -> None:
     metrics = make_metrics()
     metrics[f"es_fid_{X}/gender"] = float("nan")
-    config = CONFIG.model_copy(update={"max_es_fid": None})
+    config = make_policy(**{"max_es_fid": None})
     decision = decide(metrics, config=config)
     assert not decision.passed
     assert failed_rules(decision) == [("metric_present", f"es_fid_{X}/gender")]
@@ -189,7 +212,7 @@ def test_beyond_tolerance_of_champion_fails() -> None:
 def test_exact_tolerance_boundary() -> None:
     champion = make_metrics()
     champion[f"fid_{X}/overall"] = 10.0
-    strict = CONFIG.model_copy(update={"regression_tolerance": 0.0})
+    strict = make_policy(**{"regression_tolerance": 0.0})
     assert decide(make_metrics(), champion, config=strict).passed
     worse = make_metrics()
     worse[f"fid_{X}/overall"] = 10.01
@@ -216,7 +239,7 @@ def test_champion_with_nan_metric_fails_closed() -> None:
 def test_first_model_judged_by_absolute_rules_only() -> None:
     # Much worse than any plausible champion, yet within the absolute thresholds.
     groups = {a: {g: v * 3 for g, v in values.items()} for a, values in GOOD_GROUPS.items()}
-    config = CONFIG.model_copy(update={"max_es_fid": 1000.0, "max_group_fid_gap": 10.0})
+    config = make_policy(**{"max_es_fid": 1000.0, "max_group_fid_gap": 10.0})
     candidate = make_metrics(overall=30.0, groups=groups)
     decision = decide(candidate, None, config=config)
     assert decision.passed and decision.compared_with_version is None
@@ -224,3 +247,44 @@ def test_first_model_judged_by_absolute_rules_only() -> None:
     # The same candidate against a better champion fails on non-regression alone.
     against = decide(candidate, make_metrics(), config=config, version="1")
     assert not against.passed and {r for r, _ in failed_rules(against)} == {"non_regression"}
+
+
+def test_unparsable_policy_rejects_the_candidate() -> None:
+    decision = decide_promotion(
+        make_metrics(), None, FAIRGENMED_ATTRIBUTES, X, None, policy_error="gate policy p.yaml: not valid YAML"
+    )
+    assert not decision.passed
+    assert decision.reasons == ["gate policy cannot be used: gate policy p.yaml: not valid YAML"]
+
+
+def test_evaluation_of_another_data_version_fails_closed() -> None:
+    decision = decide_promotion(
+        make_metrics(), None, FAIRGENMED_ATTRIBUTES, X, CONFIG, candidate_data_md5="aaa", evaluated_data_md5="bbb"
+    )
+    assert not decision.passed
+    assert "evaluation used data version bbb" in decision.reasons[0] and "aaa" in decision.reasons[0]
+    unrecorded = decide_promotion(make_metrics(), None, FAIRGENMED_ATTRIBUTES, X, CONFIG, candidate_data_md5="aaa")
+    assert not unrecorded.passed and "(unrecorded)" in unrecorded.reasons[0]
+
+
+def test_non_regression_uses_the_interval_better_end() -> None:
+    champion = make_metrics(overall=10.0)
+    worse = make_metrics(overall=12.0)  # 20% worse than the champion, tolerance 10%
+    assert not decide(worse, champion, version="1").passed
+    uncertain = dict(worse) | {f"ci_low/fid_{X}/overall": 10.5}  # could be within 10%: not worse with confidence
+    decision = decide(uncertain, champion, version="1")
+    overall = next(c for c in decision.checks if c.metric == f"fid_{X}/overall")
+    assert overall.passed and "interval low 10.5" in overall.detail
+    certain = dict(worse) | {f"ci_low/fid_{X}/overall": 11.5}
+    assert not decide(certain, champion, version="1").passed
+
+
+def test_min_es_auc_needs_the_auc_and_meets_the_floor() -> None:
+    policy = GatePolicy.model_validate(
+        CONFIG.model_dump() | {"absolute": CONFIG.absolute.model_dump() | {"min_es_auc": {"race": 0.7}}}
+    )
+    missing = decide(make_metrics(), config=policy)
+    assert not missing.passed and "no ES-AUC metric for race" in missing.reasons
+    low = decide(make_metrics() | {"es_auc_smallcnn/glaucoma/race": 0.6}, config=policy)
+    assert not low.passed and "es_auc_smallcnn/glaucoma/race 0.6 < 0.7" in low.reasons[0]
+    assert decide(make_metrics() | {"es_auc_smallcnn/glaucoma/race": 0.8}, config=policy).passed

@@ -142,3 +142,30 @@ def test_resolve_folder_without_model_index(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="has no model_index.json") as info:
         resolve_pretrained(str(folder), tmp_path / "tiny", allow_download=True)
     assert str(folder) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("preset", "unet_params", "text_params", "prediction_type"),
+    [
+        # The published checkpoints' sizes: the presets are the real architectures.
+        ("sd-1.5", 859_520_964, 123_060_480, "epsilon"),
+        ("sd-2.1", 865_910_724, 340_387_840, "v_prediction"),
+    ],
+)
+def test_full_size_presets_match_the_published_architectures(
+    preset: str, unet_params: int, text_params: int, prediction_type: str
+) -> None:
+    tokenizer, text_encoder, vae, unet, scheduler = models.build_preset_components(preset, device="meta")
+    assert sum(p.numel() for p in unet.parameters()) == unet_params
+    assert sum(p.numel() for p in text_encoder.parameters()) == text_params
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert scheduler.config.prediction_type == prediction_type
+    assert tokenizer.model_max_length == 77
+
+
+def test_presets_resolve_without_a_folder_or_download(tmp_path: Path) -> None:
+    for preset in ("sd-1.5", "sd-2.1"):
+        assert resolve_pretrained(preset, tmp_path / "tiny", allow_download=False) == preset
+    assert not (tmp_path / "tiny").exists()
+    assert set(models.PRESETS) == {"tiny", "sd-1.5", "sd-2.1"}

@@ -1,0 +1,118 @@
+"""Training checkpoints on disk: written atomically, found, pruned.
+
+A checkpoint is a folder ``checkpoint-<step>`` under the checkpoint root. It is written
+as ``checkpoint-<step>.partial`` and renamed only after every file is in place and
+``training_state.json`` (the completion marker) is written last, so a process that
+dies while writing leaves a ``.partial`` folder (or a folder without the marker) that
+is ignored, never loaded, and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fairdiffusion.errors import TrainingError
+
+#: The completion marker and the training position of a checkpoint.
+STATE_FILE = "training_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder, else ``None``."""
+    match = _NAME.match(folder.name)
+    if match is None or not (folder / STATE_FILE).is_file():
+        return None
+    return int(match.group(1))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(step, folder) for folder in root.iterdir() if (step := checkpoint_step(folder)) is not None]
+    return [folder for _, folder in sorted(found)]
+
+
+def find_resume_checkpoint(resume: str | None, root: Path) -> Path | None:
+    """The checkpoint ``training.resume`` names.
+
+    Args:
+        resume: ``None`` (start fresh), ``latest`` (newest complete checkpoint under
+            ``root``, or a fresh start when there is none) or a checkpoint folder.
+        root: The run's checkpoint folder.
+
+    Raises:
+        TrainingError: if a named folder is missing or is not a complete checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise TrainingError(f"training.resume: {folder} does not exist")
+    if not (folder / STATE_FILE).is_file():
+        raise TrainingError(
+            f"training.resume: {folder} is not a complete checkpoint (no {STATE_FILE}; it was probably "
+            "being written when the process stopped)"
+        )
+    return folder
+
+
+def partial_folder(root: Path, step: int) -> Path:
+    """An empty folder to write the checkpoint of ``step`` into (main process only)."""
+    folder = root / f"checkpoint-{step}.partial"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def commit_checkpoint(partial: Path, state: dict[str, Any]) -> Path:
+    """Write the completion marker, then rename the folder into place (main process only)."""
+    (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints, and leftover partial folders."""
+    removed = complete_checkpoints(root)[:-keep]
+    removed += [
+        f for f in root.iterdir() if f.is_dir() and checkpoint_step(f) is None and f.name.startswith("checkpoint-")
+    ]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def set_aside_checkpoints(root: Path) -> Path | None:
+    """Move an earlier run's checkpoints to ``<root>.previous`` (replacing an older set there).
+
+    A run that starts afresh must not prune or resume into another run's checkpoints,
+    and a rerun that forgot ``resume: latest`` must not destroy a crashed run's work:
+    its checkpoints stay loadable from the returned folder.
+    """
+    if not root.is_dir() or not any(f.name.startswith("checkpoint-") for f in root.iterdir()):
+        return None
+    previous = root.with_name(root.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    os.replace(root, previous)
+    return previous
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The training position stored in a complete checkpoint."""
+    state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
+    return state

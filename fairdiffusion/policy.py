@@ -1,0 +1,97 @@
+"""The fairness gate's policy: a YAML file versioned in the repo, hashed into every decision.
+
+A policy holds absolute rules (every candidate must meet them) and non-regression rules
+(a candidate may be worse than the serving champion by at most a relative tolerance).
+Every rule is a typed field; a rule is off only where the policy says ``null``. A
+policy that cannot be read or parsed is not an error to crash on but a reason to reject:
+:func:`load_policy` raises :class:`PolicyError`, which the gate turns into a failed
+decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fairdiffusion.errors import FairDiffusionError
+
+
+class PolicyError(FairDiffusionError):
+    """The gate policy file is missing, not YAML, or breaks the policy schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: A threshold for every attribute, or one per attribute name.
+PerAttribute = float | dict[str, float] | None
+
+
+class AbsoluteRules(_Strict):
+    """Rules every candidate must meet, champion or not."""
+
+    #: Every group slice of every protected attribute needs this many test images.
+    min_slice_size: int = Field(ge=1)
+    #: Ceiling on each attribute's equity-scaled FID (lower is better).
+    max_es_fid: PerAttribute
+    #: Ceiling on the largest FID difference between two groups of one attribute.
+    max_group_fid_gap: PerAttribute
+    #: Floor on each attribute's equity-scaled AUC of the clinical-semantics classifier
+    #: (needs the evaluation's AUCs; a missing AUC then fails closed).
+    min_es_auc: PerAttribute = None
+
+
+class NonRegressionRules(_Strict):
+    """How much worse than the champion a candidate may be (relative), per metric."""
+
+    #: Overall FID.
+    fid_overall: float | None = Field(ge=0)
+    #: Each attribute's ES-FID.
+    es_fid: float | None = Field(ge=0)
+    #: Use the evaluation's bootstrap intervals where present: fail only if the interval's
+    #: better end is still beyond the tolerance, i.e. worse with the evaluation's confidence.
+    use_intervals: bool = True
+
+
+class GatePolicy(_Strict):
+    """A fairness-gate policy file."""
+
+    name: str
+    absolute: AbsoluteRules
+    non_regression: NonRegressionRules
+
+
+def threshold_for(value: PerAttribute, attribute: str) -> float | None:
+    """The threshold of one attribute; a mapping without the attribute means the rule is off."""
+    if isinstance(value, dict):
+        return value.get(attribute)
+    return value
+
+
+def load_policy(path: str | Path) -> tuple[GatePolicy, str]:
+    """Read a policy file; return it and the sha256 of its bytes.
+
+    Raises:
+        PolicyError: naming the file and every bad key.
+    """
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError as error:
+        raise PolicyError(f"gate policy {path}: cannot be read ({error.strerror})") from None
+    digest = hashlib.sha256(raw_bytes).hexdigest()
+    try:
+        raw = yaml.safe_load(raw_bytes)
+    except yaml.YAMLError as error:
+        raise PolicyError(f"gate policy {path}: not valid YAML ({error})") from None
+    try:
+        return GatePolicy.model_validate(raw), digest
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}" for item in error.errors()
+        )
+        raise PolicyError(f"gate policy {path}: {problems}") from None

@@ -1,0 +1,83 @@
+"""Build gate candidates for the registry tests, and register one from the command line.
+
+A candidate is a real MLflow run carrying data/code tags, a real tiny diffusers pipeline
+(logged as the pyfunc model) and the flat metrics an evaluation produces. Run as a
+script it registers one candidate, which the concurrency test starts in two processes
+at once:  python candidates.py CONFIG PIPELINE_DIR OVERALL_FID DATA_MD5
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fairdiffusion import lineage, registry
+from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, PipelineConfig, load_config
+from fairdiffusion.evaluation import EvaluationReport
+from fairdiffusion.metrics import equity_scaled, flatten_metrics
+from fairdiffusion.training import TrainingResult
+
+EXTRACTOR = "randcnn8"
+GOOD_GROUPS = {
+    "race": {"Asian": 11.0, "Black": 12.0, "White": 9.0},
+    "gender": {"Female": 10.0, "Male": 11.0},
+    "ethnicity": {"Non-Hispanic": 10.0, "Hispanic": 12.0},
+}
+
+
+def make_metrics(overall: float = 10.0, groups: dict | None = None, size: float = 10.0) -> dict[str, float]:
+    """Flat metrics exactly as the evaluation builds them (race ES-FID 50 at overall 10)."""
+    groups = groups or GOOD_GROUPS
+    slices = {"overall": {"fid": overall, "num_samples": size * 3}}
+    for attribute, values in groups.items():
+        for group, fid in values.items():
+            slices[f"{attribute}/{group}"] = {"fid": fid, "num_samples": size}
+    equity = {a: equity_scaled(overall, v, higher_is_better=False) for a, v in groups.items()}
+    return flatten_metrics(slices, equity, EXTRACTOR)
+
+
+def register_candidate(
+    config: PipelineConfig,
+    pipeline_dir: Path,
+    metrics: dict[str, float],
+    data_md5: str = "md5-v1",
+    evaluated_md5: str | None = "same",
+) -> lineage.PromotionOutcome:
+    """Open a run like the pipeline does, then run stage 5 (gate, register, promote)."""
+    tags = {
+        "fd.data.dvc_md5": data_md5,
+        "fd.data.data_dvc_commit": "0" * 40,
+        "fd.data.path": "data",
+        "fd.code.git_commit": "1" * 40,
+        "fd.code.dirty": "false",
+    }
+    run_id = registry.start_run(config.tracking, "candidate", tags)
+    registry.log_metrics(config.tracking, run_id, metrics)
+    report = EvaluationReport(
+        extractor=EXTRACTOR,
+        slices={},
+        equity={},
+        metrics=metrics,
+        image_dir="",
+        num_images=0,
+        protocol={"data_md5": data_md5 if evaluated_md5 == "same" else evaluated_md5},
+    )
+    training = TrainingResult(
+        model_dir=str(pipeline_dir),
+        method="fair",
+        steps=1,
+        final_loss=0.1,
+        seconds=0.0,
+        sigma_names=list(FAIRGENMED_ATTRIBUTES),
+        final_sigma=None,
+        windows=[],
+    )
+    outcome = lineage.gate_and_register(config, run_id, training, report)
+    registry.end_run(config.tracking, run_id)
+    return outcome
+
+
+if __name__ == "__main__":
+    config_path, pipeline, overall, md5 = sys.argv[1:5]
+    result = register_candidate(load_config(config_path), Path(pipeline), make_metrics(float(overall)), md5)
+    print(f"{result.version} {result.status}")
