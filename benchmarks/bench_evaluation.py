@@ -35,18 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fairdiffusion.config import load_config  # noqa: E402
-from fairdiffusion.evaluation import generate_images  # noqa: E402
-from fairdiffusion.features import RandomConvExtractor, extract_features  # noqa: E402
-from fairdiffusion.metrics import (  # noqa: E402
-    IMAGE_METRICS,
-    FeatureStatistics,
-    SliceSettings,
-    analyse_slices,
-    compute_slice_metrics,
-    define_slices,
-    fid_from_features,
-)
-from fairdiffusion.models import build_tiny_pipeline  # noqa: E402
+from fairdiffusion.evaluation.evaluate import generate_images  # noqa: E402
+from fairdiffusion.evaluation.features import RandomConvExtractor, extract_features  # noqa: E402
+from fairdiffusion.evaluation.image_metrics import IMAGE_METRICS, FeatureStatistics, fid_from_features  # noqa: E402
+from fairdiffusion.evaluation.slices import SliceSettings, analyse_slices, compute_slice_metrics, define_slices  # noqa: E402
+from fairdiffusion.models.loading import build_tiny_pipeline  # noqa: E402
 
 ATTRIBUTES = {
     "race": ["Asian", "Black", "White"],

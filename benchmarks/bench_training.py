@@ -1,7 +1,7 @@
 """Training throughput of FairDiffusion against the baseline, side by side in one run.
 
 For one preset, resolution, batch and precision (and gradient checkpointing off, on or
-both) it runs the real training loop (:func:`fairdiffusion.training.train_unet`) for
+both) it runs the real training loop (:func:`fairdiffusion.training.loop.train_unet`) for
 ``method: baseline``, ``method: fair`` (the paper's update order: the GP is fitted on
 the training thread when a window closes) and ``method: fair`` with ``fair_fit_lag``
 (fitted on a background thread, applied that many steps late), interleaved over
@@ -50,10 +50,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, TrainingConfig
-from fairdiffusion.demo_data import DemoDatasetSpec, generate_demo_dataset
-from fairdiffusion.fairgenmed import load_fairgenmed
-from fairdiffusion.models import build_tiny_pipeline, load_training_components, resolve_pretrained
-from fairdiffusion.training import train_unet
+from fairdiffusion.data.demo import DemoDatasetSpec, generate_demo_dataset
+from fairdiffusion.data.fairgenmed import load_fairgenmed
+from fairdiffusion.models.loading import load_training_components, resolve_pretrained
+from fairdiffusion.models.tiny import build_tiny_pipeline
+from fairdiffusion.training.loop import train_unet
 
 #: Dense peak tensor-core FLOP/s by GPU name and precision (vendor data sheets).
 GPU_PEAK_FLOPS = {

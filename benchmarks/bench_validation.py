@@ -33,8 +33,8 @@ BUDGET_S = 60.0
 
 
 def _write_chunk(root: str, split: str, first: int, count: int, seed: int) -> list[dict[str, str]]:
-    from fairdiffusion.demo_data import demo_subjects
-    from fairdiffusion.fairgenmed import write_subject
+    from fairdiffusion.data.demo import demo_subjects
+    from fairdiffusion.data.fairgenmed import write_subject
 
     split_dir = Path(root) / split
     subjects = demo_subjects(count, seed=seed, image_size=SHAPE)
@@ -98,8 +98,8 @@ def measure(root: Path, workers: int) -> dict[str, object]:
     import great_expectations  # noqa: F401 - import cost is not validation time
 
     from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, ValidationConfig
-    from fairdiffusion.fairgenmed import load_fairgenmed
-    from fairdiffusion.validation import validate_dataset
+    from fairdiffusion.data.fairgenmed import load_fairgenmed
+    from fairdiffusion.validation.suites import validate_dataset
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()

@@ -123,8 +123,8 @@ def validate(
     docs: Path | None = typer.Option(None, "--docs", help="Also write Great Expectations Data Docs (HTML) here."),
 ) -> None:
     """Validate a dataset with the Great Expectations suites; exit 1 on any failure."""
-    from fairdiffusion.formats import load_dataset
-    from fairdiffusion.validation import validate_dataset
+    from fairdiffusion.data.formats import load_dataset
+    from fairdiffusion.validation.suites import validate_dataset
 
     cfg = _data_section(_config_or_default(config), data_dir, data_format)
     dataset = load_dataset(cfg.data)
@@ -153,7 +153,7 @@ def data_show(
     data_format: str | None = _FORMAT,
 ) -> None:
     """Show the sample table a run would train and evaluate on (and the rows the format excludes)."""
-    from fairdiffusion.formats import load_dataset
+    from fairdiffusion.data.formats import load_dataset
 
     cfg = _data_section(_config_or_default(config), data_dir, data_format)
     dataset = load_dataset(cfg.data)
@@ -180,7 +180,7 @@ def data_diff(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """What changed between two data versions: subjects added/removed/changed, group counts before and after."""
-    from fairdiffusion.versioning import diff_data_versions
+    from fairdiffusion.data.versioning import diff_data_versions
 
     cfg = _config_or_default(config)
     diff = diff_data_versions(cfg.data.dvc_file, rev_a, rev_b, cfg.data)
@@ -218,7 +218,8 @@ def audit(
     config: Path | None = _CONFIG,
 ) -> None:
     """Lineage of a model version, or the decision history, read from MLflow alone."""
-    from fairdiffusion import registry
+    from fairdiffusion import tracking as runs
+    from fairdiffusion.registry import promotion as registry
 
     tracking = _tracking(config, model)
     if history and version is None and alias is None:
@@ -237,13 +238,13 @@ def audit(
         raise FairDiffusionError("audit: give exactly one of --version N or --alias NAME (or --history alone)")
     lineage = registry.read_lineage(tracking, version=version, alias=alias)
     if report is not None:
-        from fairdiffusion.audit_report import render_audit_page
+        from fairdiffusion.registry.audit import render_audit_page
 
         page = render_audit_page(
             lineage,
             registry.decision_history(tracking),
-            registry.run_artifact_json(tracking, lineage["run_id"], "lineage/validation.json"),
-            registry.run_metrics(tracking, lineage["run_id"]),
+            runs.run_artifact_json(tracking, lineage["run_id"], "lineage/validation.json"),
+            runs.run_metrics(tracking, lineage["run_id"]),
         )
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(page)
@@ -269,7 +270,7 @@ def approve(
     config: Path | None = _CONFIG,
 ) -> None:
     """Promote a version that passed the gate (when require_approval is on); recorded."""
-    from fairdiffusion import registry
+    from fairdiffusion.registry import promotion as registry
 
     tracking = _tracking(config, model)
     record = registry.approve_version(tracking, version, reason, registry.current_actor(approver))
@@ -286,7 +287,7 @@ def promote(
     config: Path | None = _CONFIG,
 ) -> None:
     """Override the gate for one version (``--force --reason`` required); recorded as an override."""
-    from fairdiffusion import registry
+    from fairdiffusion.registry import promotion as registry
 
     if not force:
         raise FairDiffusionError(
@@ -306,7 +307,7 @@ def rollback(
     config: Path | None = _CONFIG,
 ) -> None:
     """Move champion back to previous-champion; recorded like any promotion."""
-    from fairdiffusion import registry
+    from fairdiffusion.registry import promotion as registry
 
     tracking = _tracking(config, model)
     record = registry.rollback_champion(tracking, reason, registry.current_actor(actor))
@@ -325,13 +326,13 @@ def report(
 
     from mlflow.artifacts import download_artifacts
 
-    from fairdiffusion.registry import read_lineage
+    from fairdiffusion.registry.promotion import read_lineage
 
     cfg = _config_or_default(config)
     tracking = cfg.tracking if model is None else cfg.tracking.model_copy(update={"model_name": model})
     run_id = read_lineage(tracking, version=version)["run_id"]
-    from fairdiffusion.evaluation import EvaluationReport
-    from fairdiffusion.report import render_report_files
+    from fairdiffusion.evaluation.report import render_report_files
+    from fairdiffusion.evaluation.results import EvaluationReport
 
     target = out or Path("outputs") / "reports" / f"{tracking.model_name}-v{version}"
     with tempfile.TemporaryDirectory() as tmp:

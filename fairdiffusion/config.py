@@ -333,7 +333,7 @@ class TrainingConfig(_Section):
     ucb_beta: float = Field(0.1, ge=0)
     #: 0: the paper's exact order (the GP is fitted on the training thread when a window
     #: closes). k > 0: fitted on a background thread and applied k steps late (staleness k
-    #: steps; see :mod:`fairdiffusion.fbp`).
+    #: steps; see :mod:`fairdiffusion.training.fbp`).
     fair_fit_lag: int = Field(0, ge=0)
     #: Warn when sigma sits at a bound, or the subgroup loss gap stays flat, this many windows.
     fair_warn_windows: int = Field(5, ge=2)
@@ -428,7 +428,7 @@ class GateConfig(_Section):
     """The fairness gate: its policy file and whether a person must approve a pass."""
 
     #: The policy YAML (rules and tolerances), versioned in the repo; its sha256 is
-    #: recorded with every decision. See ``policies/`` and :mod:`fairdiffusion.policy`.
+    #: recorded with every decision. See ``policies/`` and :mod:`fairdiffusion.registry.policy`.
     policy: Path = Path("policies/demo.yaml")
     #: When true, a passing candidate waits for ``fairdiffusion approve``.
     require_approval: bool = False

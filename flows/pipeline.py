@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from fairdiffusion.config import load_config
-from fairdiffusion.lineage import PromotionOutcome
+from fairdiffusion.registry.lineage import PromotionOutcome
 from tasks.data import load_samples, read_champion, skip_if_unchanged, version_data
 from tasks.evaluate import evaluate_candidate
 from tasks.promote import promote_if_fair

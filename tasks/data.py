@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
-from fairdiffusion.formats import LoadedDataset, load_dataset
-from fairdiffusion.lineage import PromotionOutcome
-from fairdiffusion.versioning import (
-    ChampionBaseline,
-    DataVersion,
-    config_fingerprint,
-    decide_skip,
-    pull_data,
-    resolve_data_version,
-    verify_data,
-)
+from fairdiffusion.data.formats import load_dataset
+from fairdiffusion.data.table import LoadedDataset
+from fairdiffusion.data.versioning import DataVersion, pull_data, resolve_data_version, verify_data
+from fairdiffusion.registry import lineage
+from fairdiffusion.registry.lineage import PromotionOutcome
+from fairdiffusion.registry.skip import ChampionBaseline, config_fingerprint, decide_skip
 
 
 @task(name="version_data", retries=2, retry_delay_seconds=5)

@@ -8,10 +8,11 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
-from fairdiffusion.evaluation import EvaluationReport, evaluate_model
-from fairdiffusion.training import TrainingResult
+from fairdiffusion.evaluation.evaluate import evaluate_model
+from fairdiffusion.evaluation.results import EvaluationReport
+from fairdiffusion.registry import lineage
+from fairdiffusion.training.results import TrainingResult
 
 
 @task(name="evaluate_candidate", timeout_seconds=12 * 3600)

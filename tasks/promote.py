@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
-from fairdiffusion.evaluation import EvaluationReport
-from fairdiffusion.lineage import PromotionOutcome
-from fairdiffusion.training import TrainingResult
+from fairdiffusion.evaluation.results import EvaluationReport
+from fairdiffusion.registry import lineage
+from fairdiffusion.registry.lineage import PromotionOutcome
+from fairdiffusion.training.results import TrainingResult
 
 
 @task(name="promote_if_fair", retries=2, retry_delay_seconds=5)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from fairdiffusion import lineage, registry
+from fairdiffusion import tracking
 from fairdiffusion.config import PipelineConfig
-from fairdiffusion.versioning import DataVersion
+from fairdiffusion.data.versioning import DataVersion
+from fairdiffusion.registry import lineage
 
 
 @task(name="open_tracking_run", retries=2, retry_delay_seconds=2)
@@ -18,4 +19,4 @@ def open_tracking_run(config: PipelineConfig, data_version: DataVersion) -> str:
 @task(name="close_tracking_run", retries=2, retry_delay_seconds=2)
 def close_tracking_run(config: PipelineConfig, run_id: str, status: str) -> None:
     """Mark the run finished or failed."""
-    registry.end_run(config.tracking, run_id, status)
+    tracking.end_run(config.tracking, run_id, status)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 from prefect import get_run_logger, task
 
-from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
-from fairdiffusion.launch import run_training
-from fairdiffusion.models import resolve_pretrained
-from fairdiffusion.training import TrainingResult
+from fairdiffusion.models.loading import resolve_pretrained
+from fairdiffusion.registry import lineage
+from fairdiffusion.training.launch import run_training
+from fairdiffusion.training.results import TrainingResult
 
 
 @task(name="train_candidate", timeout_seconds=24 * 3600)

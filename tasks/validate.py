@@ -7,12 +7,13 @@ from dataclasses import replace
 
 from prefect import task
 
-from fairdiffusion import lineage
 from fairdiffusion.config import PipelineConfig
+from fairdiffusion.data.table import LoadedDataset
 from fairdiffusion.errors import ValidationFailed
-from fairdiffusion.formats import LoadedDataset
-from fairdiffusion.validation import ReferenceCounts, ValidationResult, validate_dataset
-from fairdiffusion.versioning import ChampionBaseline
+from fairdiffusion.registry import lineage
+from fairdiffusion.registry.skip import ChampionBaseline
+from fairdiffusion.validation.result import ReferenceCounts, ValidationResult
+from fairdiffusion.validation.suites import validate_dataset
 
 
 @task(name="validate_data")

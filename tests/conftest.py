@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fairdiffusion.demo_data import DemoDatasetSpec, generate_demo_dataset
+from fairdiffusion.data.demo import DemoDatasetSpec, generate_demo_dataset
 
 #: Seed 131 gives every group at least 4 subjects in train+val and in test:
 #: train+val race Asian 7 / Black 11 / White 32, Female 26 / Male 24, Non-Hispanic 45 / Hispanic 5;
@@ -46,7 +46,7 @@ def valid_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Stable Diffusion pipeline in diffusers layout. Do not modify."""
-    from fairdiffusion.models import build_tiny_pipeline
+    from fairdiffusion.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
 

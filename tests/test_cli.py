@@ -120,7 +120,7 @@ def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     """A rerun with nothing changed says it skipped, why, and how to retrain anyway."""
     import flows.pipeline
     from fairdiffusion import cli
-    from fairdiffusion.lineage import PromotionOutcome
+    from fairdiffusion.registry.lineage import PromotionOutcome
 
     reason = "data (md5 6b5ef68bcbaf) and config (sha256 0123456789ab) are those champion v1 was trained on"
     calls = []

@@ -11,11 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fairdiffusion import lineage, registry
+from fairdiffusion import tracking
 from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, PipelineConfig, load_config
-from fairdiffusion.evaluation import EvaluationReport
-from fairdiffusion.metrics import equity_scaled, flatten_metrics
-from fairdiffusion.training import TrainingResult
+from fairdiffusion.evaluation.metric_keys import flatten_metrics
+from fairdiffusion.evaluation.results import EvaluationReport
+from fairdiffusion.evaluation.slices import equity_scaled
+from fairdiffusion.registry import lineage
+from fairdiffusion.training.results import TrainingResult
 
 EXTRACTOR = "randcnn8"
 GOOD_GROUPS = {
@@ -51,8 +53,8 @@ def register_candidate(
         "fd.code.git_commit": "1" * 40,
         "fd.code.dirty": "false",
     }
-    run_id = registry.start_run(config.tracking, "candidate", tags)
-    registry.log_metrics(config.tracking, run_id, metrics)
+    run_id = tracking.start_run(config.tracking, "candidate", tags)
+    tracking.log_metrics(config.tracking, run_id, metrics)
     report = EvaluationReport(
         extractor=EXTRACTOR,
         slices={},
@@ -73,7 +75,7 @@ def register_candidate(
         windows=[],
     )
     outcome = lineage.gate_and_register(config, run_id, training, report)
-    registry.end_run(config.tracking, run_id)
+    tracking.end_run(config.tracking, run_id)
     return outcome
 
 

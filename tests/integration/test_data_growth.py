@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from fairdiffusion.config import load_config
-from fairdiffusion.demo_data import DemoDatasetSpec, demo_subjects, generate_demo_dataset
+from fairdiffusion.data.demo import DemoDatasetSpec, demo_subjects, generate_demo_dataset
+from fairdiffusion.data.fairgenmed import add_subjects
 from fairdiffusion.errors import ValidationFailed
-from fairdiffusion.fairgenmed import add_subjects
-from fairdiffusion.versioning import config_fingerprint
+from fairdiffusion.registry.skip import config_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +201,7 @@ def test_grown_data_is_versioned_and_diffed(project):
 
 
 def _count(repo: Path, subjects: list[str], race: str) -> int:
-    from fairdiffusion.fairgenmed import load_fairgenmed
+    from fairdiffusion.data.fairgenmed import load_fairgenmed
 
     table = load_fairgenmed(repo / "data", ["train"]).set_index("subject")
     return int((table.loc[subjects, "race"] == race).sum())

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from fairdiffusion.config import load_config
-from fairdiffusion.demo_data import DemoDatasetSpec, generate_demo_dataset
+from fairdiffusion.data.demo import DemoDatasetSpec, generate_demo_dataset
 from fairdiffusion.errors import DataVersionError, ValidationFailed
-from fairdiffusion.registry import read_lineage
+from fairdiffusion.registry.promotion import read_lineage
 
 pytestmark = pytest.mark.slow
 

@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from fairdiffusion import registry
 from fairdiffusion.config import load_config
+from fairdiffusion.registry import promotion as registry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from candidates import GOOD_GROUPS, make_metrics, register_candidate  # noqa: E402

@@ -1,0 +1,110 @@
+"""The one naming scheme of flat metric keys (MLflow and the gate); see :mod:`fairdiffusion.evaluation.slices`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
+
+#: Key stem of a slice's image count: ``num_samples/<slice>``.
+NUM_SAMPLES = "num_samples"
+
+
+def fid_metric_names(extractor: str) -> dict[str, str]:
+    """The FID key stems the gate reads, taken from :func:`metric_key_stems` so both name alike."""
+    stems = metric_key_stems("fid", extractor)
+    return {
+        "fid": stems["value"],
+        "es_fid": stems["es"],
+        "gap": stems["max_gap"],
+        "disparity": stems["disparity"],
+        "n": NUM_SAMPLES,
+    }
+
+
+def metric_key_stems(metric: str, tag: str) -> dict[str, str]:
+    """Key stems of one metric: ``metric_key_stems("fid", "randcnn32")["es"] == "es_fid_randcnn32"``.
+
+    ``tag`` is the extractor's name for image metrics and ``<classifier>/<label>`` for AUC.
+    """
+    return {
+        "value": f"{metric}_{tag}",
+        "es": f"es_{metric}_{tag}",
+        "disparity": f"{metric}_disparity_{tag}",
+        "relative_disparity": f"{metric}_rel_disparity_{tag}",
+        "max_gap": f"{metric}_gap_{tag}",
+        "matched": f"{metric}_matched_{tag}",
+        "matched_overall": f"{metric}_matched_overall_{tag}",
+        "es_matched": f"es_{metric}_matched_{tag}",
+        "disparity_matched": f"{metric}_disparity_matched_{tag}",
+        "relative_disparity_matched": f"{metric}_rel_disparity_matched_{tag}",
+        "max_gap_matched": f"{metric}_gap_matched_{tag}",
+    }
+
+
+_EQUITY_STATS = ("es", "disparity", "relative_disparity", "max_gap")
+
+
+def flatten_analysis(analysis: SliceAnalysis, tags: Mapping[str, tuple[str, str]]) -> dict[str, float]:
+    """MLflow-ready metrics of an analysis, with ``ci_low/K`` and ``ci_high/K`` beside each K.
+
+    Args:
+        analysis: The analysis to flatten.
+        tags: Analysis metric -> (key metric name, tag): ``{"fid": ("fid", "randcnn32")}``
+            for image metrics, ``{"glaucoma": ("auc", "small/glaucoma")}`` for AUC.
+    """
+    flat: dict[str, float] = {}
+
+    def put(key: str, value: float | str, interval: Sequence[float] | None = None) -> None:
+        flat[key] = float(value)
+        if interval is not None:
+            flat[f"ci_low/{key}"], flat[f"ci_high/{key}"] = float(interval[0]), float(interval[1])
+
+    for metric in analysis.metric_names:
+        name, tag = tags[metric]
+        stems = metric_key_stems(name, tag)
+        for slice_name, values in analysis.slices.items():
+            put(f"{stems['value']}/{slice_name}", values[metric], analysis.intervals.get(slice_name, {}).get(metric))
+        for attribute, stats in analysis.equity[metric].items():
+            bounds = analysis.equity_intervals.get(metric, {}).get(attribute, {})
+            for stat in _EQUITY_STATS:
+                put(f"{stems[stat]}/{attribute}", stats[stat], bounds.get(stat))
+        for attribute, matched in analysis.matched.items():
+            bounds_of = matched.intervals.get(metric, {})
+            for group, value in matched.values[metric].items():
+                key = (
+                    f"{stems['matched_overall']}/{attribute}"
+                    if group == OVERALL
+                    else f"{stems['matched']}/{attribute}/{group}"
+                )
+                put(key, value, bounds_of.get(group))
+            stats, bounds = matched.equity[metric], matched.equity_intervals.get(metric, {})
+            for stat in _EQUITY_STATS:
+                put(f"{stems[stat + '_matched']}/{attribute}", stats[stat], bounds.get(stat))
+    return flat
+
+
+def flatten_slice_sizes(analysis: SliceAnalysis) -> dict[str, float]:
+    """``num_samples/<slice>``, ``small_slice/<slice>`` and ``matched_n/<attr>``."""
+    flat = {f"{NUM_SAMPLES}/{name}": float(values["num_samples"]) for name, values in analysis.slices.items()}
+    flat |= {f"small_slice/{name}": float(name in analysis.small_slices) for name in analysis.slices}
+    flat |= {f"matched_n/{attribute}": float(m.size) for attribute, m in analysis.matched.items()}
+    return flat
+
+
+def flatten_metrics(
+    slices: Mapping[str, Mapping[str, float]],
+    equity: Mapping[str, Mapping[str, float | str]],
+    extractor: str,
+) -> dict[str, float]:
+    """The FID keys the gate reads: ``fid_<x>/overall``, ``fid_<x>/race/Asian``, ``es_fid_<x>/race``..."""
+    names = fid_metric_names(extractor)
+    flat: dict[str, float] = {}
+    for slice_name, values in slices.items():
+        flat[f"{names['fid']}/{slice_name}"] = float(values["fid"])
+        flat[f"{names['n']}/{slice_name}"] = float(values["num_samples"])
+    for attribute, scaled in equity.items():
+        flat[f"{names['es_fid']}/{attribute}"] = float(scaled["es"])
+        flat[f"{names['gap']}/{attribute}"] = float(scaled["max_gap"])
+        flat[f"{names['disparity']}/{attribute}"] = float(scaled["disparity"])
+    return flat

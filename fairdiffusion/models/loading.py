@@ -1,0 +1,108 @@
+"""Stable Diffusion pipelines: the real loading path, and presets built from the same classes.
+
+``load_pipeline`` is ``StableDiffusionPipeline.from_pretrained`` on a local folder or,
+only when the config allows downloads, a hub id. ``build_tiny_pipeline`` writes a
+pipeline made of the real diffusers/transformers classes with random weights and tiny
+sizes, so the demo and tests exercise exactly the production loading code offline.
+The ``sd-1.5`` and ``sd-2.1`` presets are the real architectures at true size with
+random weights, built in memory, so throughput can be measured without a download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from fairdiffusion.errors import ConfigError
+from fairdiffusion.models.presets import SD_PRESETS, build_preset_components
+from fairdiffusion.models.tiny import build_tiny_pipeline
+
+
+def resolve_pretrained(pretrained: str, tiny_dir: str | Path, allow_download: bool) -> str:
+    """Turn the config's ``model.pretrained`` into something ``from_pretrained`` accepts.
+
+    ``tiny`` builds (once) and returns the tiny pipeline's folder; ``sd-1.5`` and
+    ``sd-2.1`` are returned as they are (built in memory by
+    :func:`load_training_components`); a local folder is returned as is; a hub id is
+    returned only when downloads are allowed.
+
+    Raises:
+        ConfigError: for a hub id without ``allow_download``, or a folder that is not
+            a diffusers pipeline.
+    """
+    if pretrained == "tiny":
+        folder = Path(tiny_dir)
+        if not (folder / "model_index.json").is_file():
+            build_tiny_pipeline(folder)
+        return str(folder)
+    if pretrained in SD_PRESETS:
+        return pretrained
+    folder = Path(pretrained)
+    if folder.exists():
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError(f"model.pretrained: {folder} has no model_index.json (not a diffusers pipeline)")
+        return str(folder)
+    if not allow_download:
+        raise ConfigError(
+            f"model.pretrained: '{pretrained}' is not a local folder, and downloading it from a hub "
+            "needs model.allow_download: true"
+        )
+    return pretrained
+
+
+def load_pipeline(source: str, allow_download: bool = False) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline with ``from_pretrained`` (the production path)."""
+    return StableDiffusionPipeline.from_pretrained(
+        source,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=not allow_download,
+    )
+
+
+def load_training_components(
+    source: str, allow_download: bool = False, seed: int = 0, device: torch.device | str | None = None
+) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+    """Load the pieces fine-tuning needs, as diffusers' ``train_text_to_image.py`` does.
+
+    ``source`` is a folder or hub id, or a full-size preset name (``sd-1.5``, ``sd-2.1``),
+    which :func:`build_preset_components` builds with ``seed`` directly on ``device``.
+    """
+    if source in SD_PRESETS:
+        return build_preset_components(source, seed=seed, device=device)
+    kwargs = {"local_files_only": not allow_download}
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def assemble_pipeline(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+) -> StableDiffusionPipeline:
+    """A pipeline from in-memory components, sampling with DDIM on the training schedule."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,290 @@
+"""What each stage records about a run, so that MLflow alone tells its whole story.
+
+These are the stage-level bookkeeping functions the Prefect tasks call; they decide
+*what* is recorded. *How* it is written to MLflow lives in :mod:`fairdiffusion.registry.promotion`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fairdiffusion import tracking as runs
+from fairdiffusion.config import PipelineConfig, config_to_dict
+from fairdiffusion.data.versioning import DataVersion, resolve_code_version
+from fairdiffusion.evaluation.results import EvaluationReport
+from fairdiffusion.registry import promotion as registry
+from fairdiffusion.registry.gate import GateDecision, decide_promotion
+from fairdiffusion.registry.policy import PolicyError, load_policy
+from fairdiffusion.registry.skip import ChampionBaseline, SkipDecision, config_fingerprint
+from fairdiffusion.training.results import TrainingResult
+from fairdiffusion.validation.result import ValidationResult
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    """What stage 5 did: the version registered, the verdict, and where to look."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    passed: bool
+    status: str
+    reasons: list[str]
+    compared_with_version: str | None
+    run_id: str
+    report_path: str
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+
+def _flatten(prefix: str, value: object, out: dict[str, object]) -> dict[str, object]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def code_root() -> Path:
+    """The checkout the running code comes from (for its git commit)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def data_code_tags(data_version: DataVersion) -> dict[str, object]:
+    """The data and code version tags, set on the run and copied onto the model version."""
+    code = resolve_code_version(code_root())
+    return {
+        "fd.data.dvc_md5": data_version.dvc_md5,
+        "fd.data.data_dvc_commit": data_version.data_dvc_commit or "",
+        "fd.data.path": data_version.path,
+        "fd.data.dvc_file": data_version.dvc_file,
+        "fd.code.git_commit": code.git_commit or "",
+        "fd.code.dirty": code.dirty,
+    }
+
+
+def open_pipeline_run(config: PipelineConfig, data_version: DataVersion) -> str:
+    """Start the run, with the data/code version and the resolved config (and its sha256) on it."""
+    tags = {k: v if isinstance(v, str) else json.dumps(v) for k, v in data_code_tags(data_version).items()}
+    tags["fd.config.sha256"] = config_fingerprint(config)
+    run_id = runs.start_run(
+        config.tracking, run_name=f"{config.training.method}-{data_version.dvc_md5[:8]}", tags=tags
+    )
+    resolved = config_to_dict(config)
+    # MLflow refuses '=' and '&' in param names; config keys such as race=Asian use them.
+    params = {re.sub(r"[^\w\-. :/]", ":", key): value for key, value in _flatten("", resolved, {}).items()}
+    runs.log_params(config.tracking, run_id, params)
+    runs.log_json(config.tracking, run_id, resolved, "lineage/config.json")
+    runs.log_json(config.tracking, run_id, data_version.to_dict(), "lineage/data_version.json")
+    return run_id
+
+
+def read_champion_baseline(config: PipelineConfig) -> ChampionBaseline | None:
+    """The data md5, config sha256 and group counts the current champion's run recorded."""
+    champion = registry.find_champion(config.tracking)
+    if champion is None:
+        return None
+    tags = runs.run_tags(config.tracking, champion.run_id)
+    validation = runs.run_artifact_json(config.tracking, champion.run_id, "lineage/validation.json") or {}
+    return ChampionBaseline(
+        version=champion.version,
+        run_id=champion.run_id,
+        data_md5=champion.data_md5,
+        config_sha256=tags.get("fd.config.sha256"),
+        group_counts=validation.get("group_counts"),
+    )
+
+
+def record_skip_decision(config: PipelineConfig, run_id: str, decision: SkipDecision) -> PromotionOutcome | None:
+    """Record on the run whether it trains and why; a skipped run is closed here.
+
+    Returns:
+        The outcome of a skipped run (status ``skipped``, nothing registered), else ``None``.
+    """
+    tags: dict[str, object] = {"fd.skipped": str(decision.skip).lower(), "fd.skip.reason": decision.reason}
+    if decision.skip:
+        tags["mlflow.runName"] = f"skipped-{runs.run_tags(config.tracking, run_id).get('fd.data.dvc_md5', '')[:8]}"
+    runs.set_run_tags(config.tracking, run_id, tags)
+    if not decision.skip:
+        return None
+    runs.end_run(config.tracking, run_id, "FINISHED")
+    return PromotionOutcome(
+        model_name=config.tracking.model_name,
+        version=decision.champion_version or "",
+        promoted=False,
+        passed=False,
+        status="skipped",
+        reasons=[decision.reason],
+        compared_with_version=decision.champion_version,
+        run_id=run_id,
+        report_path="",
+    )
+
+
+def record_validation(config: PipelineConfig, run_id: str, result: ValidationResult) -> None:
+    """Validation outcome: tags for the lineage, the full result and the Data Docs as artifacts."""
+    synthetic = result.synthetic
+    largest_shift = max((s.shift for s in result.share_shifts), default=0.0)
+    runs.set_run_tags(
+        config.tracking,
+        run_id,
+        {
+            "fd.validation.success": str(result.success).lower(),
+            "fd.validation.failed_expectations": result.failed_expectations,
+            "fd.validation.format": result.format,
+            "fd.validation.excluded": result.excluded,
+            # Which model versions' images are trained on: the self-consuming loop, visible.
+            "fd.validation.synthetic": {
+                "train_fraction": synthetic.get("train_fraction", 0.0),
+                "by_model": synthetic.get("by_model", {}),
+            },
+            "fd.validation.reference": result.reference or "",
+            "fd.validation.acknowledged_shifts": {
+                s.slice: s.acknowledged for s in result.share_shifts if s.acknowledged
+            },
+        },
+    )
+    runs.log_json(config.tracking, run_id, result.to_dict(), "lineage/validation.json")
+    if result.data_docs and Path(result.data_docs).is_dir():
+        runs.log_artifacts(config.tracking, run_id, result.data_docs, "validation/data_docs")
+    runs.log_metrics(
+        config.tracking,
+        run_id,
+        {
+            "validation/failed_expectations": len(result.failed),
+            "validation/subjects": result.n_subjects,
+            "validation/excluded": result.n_excluded,
+            "validation/synthetic_fraction": float(synthetic.get("train_fraction", 0.0)),
+            "validation/largest_share_shift": largest_shift,
+        },
+    )
+
+
+def record_training(config: PipelineConfig, run_id: str, result: TrainingResult) -> None:
+    """Training summary and the FBP trajectory file."""
+    runs.set_run_tags(config.tracking, run_id, {"fd.training.method": result.method})
+    runs.log_json(config.tracking, run_id, result.to_dict(), "lineage/training.json")
+    trajectory = Path(config.training.output_dir) / "fbp_trajectory.json"
+    if trajectory.is_file():  # only the trajectory: the folder also holds checkpoints
+        runs.log_artifact(config.tracking, run_id, trajectory, "training")
+    runs.log_metrics(config.tracking, run_id, {"train/seconds": result.seconds}, step=result.steps)
+
+
+def record_evaluation(config: PipelineConfig, run_id: str, report: EvaluationReport) -> None:
+    """Every slice metric with its interval, the report (JSON, Markdown, HTML, charts, grids).
+
+    ``evaluation/evaluation.json`` and ``evaluation/grids/`` are what
+    ``fairdiffusion report --version N`` renders a registered version's report from.
+    """
+    runs.log_metrics(config.tracking, run_id, report.metrics)
+    runs.log_json(config.tracking, run_id, report.to_dict(), "evaluation/evaluation.json")
+    written = Path(config.evaluation.output_dir)
+    markdown, page = written / "evaluation.md", written / "report.html"
+    runs.log_text(
+        config.tracking,
+        run_id,
+        markdown.read_text() if markdown.is_file() else report.to_markdown(),
+        "evaluation/report.md",
+    )
+    if page.is_file():
+        runs.log_text(config.tracking, run_id, page.read_text(), "evaluation/report.html")
+    for folder in ("charts", "grids"):
+        if (written / folder).is_dir():
+            runs.log_artifacts(config.tracking, run_id, written / folder, f"evaluation/{folder}")
+
+
+def gate_and_register(
+    config: PipelineConfig,
+    run_id: str,
+    training: TrainingResult,
+    report: EvaluationReport,
+    actor: str | None = None,
+) -> PromotionOutcome:
+    """Judge the candidate, register it with its verdict, and promote it only on a pass.
+
+    The model is logged first (slow, no lock). Reading the champion, deciding,
+    registering and moving aliases then happen under the registry's promotion lock, so
+    a concurrent promotion can neither slip a new champion in between the comparison
+    and the alias move nor leave ``champion`` on a version that failed.
+    """
+    tracking = config.tracking
+    policy, policy_hash, policy_error = None, None, None
+    try:
+        policy, policy_hash = load_policy(config.gate.policy)
+    except PolicyError as error:
+        policy_error = str(error)
+    if policy is not None:
+        runs.log_text(tracking, run_id, Path(config.gate.policy).read_text(), "lineage/gate_policy.yaml")
+    run_tags = runs.run_tags(tracking, run_id)
+    candidate_md5 = run_tags.get("fd.data.dvc_md5")
+    evaluated_md5 = report.protocol.get("data_md5")
+    model_uri, model_id = registry.log_model(tracking, run_id, training.model_dir)
+    who = registry.current_actor(actor)
+
+    with registry.promotion_lock(tracking, holder=f"pipeline run {run_id}"):
+        champion = registry.find_champion(tracking)
+        decision: GateDecision = decide_promotion(
+            report.metrics,
+            champion.metrics if champion else None,
+            config.data.attributes,
+            report.extractor,
+            policy,
+            policy_hash=policy_hash,
+            policy_error=policy_error,
+            champion_version=champion.version if champion else None,
+            candidate_data_md5=candidate_md5,
+            evaluated_data_md5=str(evaluated_md5) if evaluated_md5 is not None else None,
+        )
+        runs.log_json(tracking, run_id, decision.to_dict(), "lineage/gate_decision.json")
+        promote = decision.passed and not config.gate.require_approval
+        status = "champion" if promote else ("awaiting-approval" if decision.passed else "rejected")
+        tags: dict[str, object] = {k: v for k, v in run_tags.items() if k.startswith(("fd.data.", "fd.code."))}
+        tags |= {
+            "fd.training.method": training.method,
+            "fd.gate.passed": str(decision.passed).lower(),
+            "fd.gate.reasons": decision.reasons,
+            "fd.gate.policy": decision.policy,
+            "fd.gate.policy_file": str(config.gate.policy),
+            "fd.gate.policy_hash": policy_hash or "",
+            "fd.gate.compared_with_version": decision.compared_with_version or "",
+            "fd.gate.decided_at": registry.now_iso(),
+            "fd.status": status,
+        }
+        verdict = "PASSED the fairness gate" if decision.passed else "FAILED the fairness gate"
+        description = verdict + (": " + "; ".join(decision.reasons) if decision.reasons else ".")
+        description += f" Status: {status}. Data md5 {candidate_md5}, code {run_tags.get('fd.code.git_commit')}"
+        description += f", policy {config.gate.policy} (sha256 {policy_hash})."
+        version = registry.register_version(tracking, run_id, model_uri, model_id, tags, description)
+        before = registry.move_champion(tracking, version) if promote else (champion.version if champion else None)
+        registry.record_decision(
+            tracking,
+            registry.DecisionRecord(
+                model=tracking.model_name,
+                version=version,
+                decision="pass" if decision.passed else "fail",
+                reasons=decision.reasons or [f"every rule of policy '{policy.name if policy else '?'}' passed"],
+                actor=f"pipeline ({who})",
+                at=registry.now_iso(),
+                data_md5=candidate_md5,
+                policy_hash=policy_hash,
+                champion_before=champion.version if champion else None,
+                champion_after=version if promote else before,
+            ),
+        )
+    return PromotionOutcome(
+        model_name=tracking.model_name,
+        version=version,
+        promoted=promote,
+        passed=decision.passed,
+        status=status,
+        reasons=decision.reasons,
+        compared_with_version=decision.compared_with_version,
+        run_id=run_id,
+        report_path=str(Path(config.evaluation.output_dir) / "evaluation.md"),
+    )

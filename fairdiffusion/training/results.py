@@ -1,0 +1,62 @@
+"""What training returns: plain dataclasses, importable without torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+#: Steps at the start of a session left out of the steady-state timing (compilation,
+#: allocator warm-up, the first batches' file cache misses).
+WARMUP_STEPS = 3
+
+
+@dataclass(frozen=True)
+class TrainingTiming:
+    """How fast the loop ran. Steady figures leave out the first :data:`WARMUP_STEPS` steps.
+
+    Attributes:
+        loop_seconds: Wall time of the training loop (no model loading, no final save).
+        steady_steps: Steps in the steady-state figures.
+        steady_seconds: Their wall time, checkpoints and validation grids excluded.
+        median_step_seconds: Median optimiser-step time over the steady steps.
+        samples_per_second: Global training samples per second over the steady steps.
+        fbp_seconds: Time the training thread spent inside the FBP controller (weights,
+            observations, and GP fits unless they run on a background thread).
+        checkpoint_seconds: Time spent writing checkpoints.
+        validation_seconds: Time spent generating validation grids.
+        peak_memory_bytes: Peak GPU memory allocated by tensors; ``None`` on the CPU.
+    """
+
+    loop_seconds: float
+    steady_steps: int
+    steady_seconds: float
+    median_step_seconds: float
+    samples_per_second: float
+    fbp_seconds: float
+    checkpoint_seconds: float
+    validation_seconds: float
+    peak_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """Where the trained pipeline is and how training went."""
+
+    model_dir: str
+    method: str
+    steps: int
+    final_loss: float
+    seconds: float
+    sigma_names: list[str]
+    final_sigma: list[float] | None
+    windows: list[dict[str, object]]
+    #: Signs that FBP is not working (sigma at a bound, a flat loss gap), once each.
+    warnings: list[str] = field(default_factory=list)
+    #: The checkpoint this run continued from, if it resumed.
+    resumed_from: str | None = None
+    #: The LoRA adapters alone (diffusers format), when ``training.lora_rank`` is set.
+    lora_dir: str | None = None
+    timing: TrainingTiming | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable form."""
+        return asdict(self)
