@@ -3,7 +3,7 @@
 For one preset, resolution, batch and precision (and gradient checkpointing off, on or
 both) it runs the real training loop (:func:`fairdiffusion.training.loop.train_unet`) for
 ``method: baseline``, ``method: fair`` (the paper's update order: the GP is fitted on
-the training thread when a window closes) and ``method: fair`` with ``fair_fit_lag``
+the training thread when a window closes) and ``method: fair`` with ``fbp.fit_lag``
 (fitted on a background thread, applied that many steps late), interleaved over
 ``--rounds`` rounds, and reports for each:
 
@@ -49,7 +49,7 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, TrainingConfig
+from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, FBPConfig, TrainingConfig
 from fairdiffusion.data.demo import DemoDatasetSpec, generate_demo_dataset
 from fairdiffusion.data.fairgenmed import load_fairgenmed
 from fairdiffusion.models.loading import load_training_components, resolve_pretrained
@@ -140,8 +140,7 @@ def run_once(
         mixed_precision=options.precision,
         gradient_checkpointing=checkpointing,
         learning_rate=1e-5,
-        fair_time_window=options.window,
-        fair_fit_lag=fit_lag,
+        fbp=FBPConfig(time_window=options.window, fit_lag=fit_lag),
         log_every=10**9,
         checkpoint_every=None,
         seed=options.seed,
@@ -160,7 +159,7 @@ def run_once(
     }
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="tiny, sd-1.5, sd-2.1, or a pipeline folder")
     parser.add_argument("--resolution", type=int, default=32)
@@ -168,21 +167,19 @@ def main() -> None:
     parser.add_argument("--precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
     parser.add_argument("--steps", type=int, default=63, help="optimiser steps per run (3 warm-up steps excluded)")
-    parser.add_argument("--window", type=int, default=30, help="fair_time_window (the paper: 30)")
-    parser.add_argument("--fit-lag", type=int, default=5, help="fair_fit_lag of the asynchronous row (0: no row)")
+    parser.add_argument("--window", type=int, default=30, help="fbp.time_window (the paper: 30)")
+    parser.add_argument("--fit-lag", type=int, default=5, help="fbp.fit_lag of the asynchronous row (0: no row)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; medians are reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
     parser.add_argument("--max-overhead", type=float, default=3.0, help="percent; exit 1 above it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    options = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    return parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    work = Path(tempfile.mkdtemp(prefix="fd-bench-train-"))
+
+def prepare_inputs(options: argparse.Namespace, work: Path) -> tuple[Any, str]:
+    """The training rows (a synthetic FairGenMed folder) and the pipeline to start from."""
     images = min(options.resolution, 128)
     rows_needed = max(options.batch * 4, 64)
     data = generate_demo_dataset(
@@ -193,16 +190,22 @@ def main() -> None:
         source = str(build_tiny_pipeline(work / "tiny"))
     else:
         source = resolve_pretrained(options.preset, work / "tiny", allow_download=False)
-    step_flops = count_step_flops(source, options.resolution, options.batch, device)
-    if options.peak_tflops:
-        peak, peak_source = options.peak_tflops * 1e12, "--peak-tflops"
-    else:
-        peak, peak_source = device_peak_flops(options.precision)
+    return samples, source
 
-    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[options.gradient_checkpointing]
-    variants = [("baseline", 0), ("fair", 0)] + ([("fair", options.fit_lag)] if options.fit_lag else [])
-    measured: dict[tuple[bool, str, int], list[dict[str, Any]]] = {}
-    started = time.perf_counter()
+
+Measured = dict[tuple[bool, str, int], list[dict[str, Any]]]
+
+
+def measure(
+    samples: Any,
+    source: str,
+    work: Path,
+    checkpointing: list[bool],
+    variants: list[tuple[str, int]],
+    options: argparse.Namespace,
+) -> Measured:
+    """Every variant, interleaved over the rounds (alternate rounds run them in reverse order)."""
+    measured: Measured = {}
     for round_index in range(options.rounds):
         for gc in checkpointing:
             order = variants if round_index % 2 == 0 else variants[::-1]
@@ -212,6 +215,18 @@ def main() -> None:
                 out = work / f"run-{round_index}-{gc}-{method}-{lag}"
                 row = run_once(samples, source, out, method, lag, gc, options)
                 measured.setdefault((gc, method, lag), []).append(row)
+    return measured
+
+
+def summarise(
+    measured: Measured,
+    checkpointing: list[bool],
+    variants: list[tuple[str, int]],
+    step_flops: float,
+    peak: float,
+    options: argparse.Namespace,
+) -> tuple[list[dict[str, Any]], list[str], dict[bool, float]]:
+    """The table's rows, the fair rows over budget, and the baseline's noise floor per setting."""
 
     def median(key: tuple[bool, str, int], field: str) -> float:
         return statistics.median(r[field] for r in measured[key])
@@ -248,13 +263,10 @@ def main() -> None:
                 and (share > options.max_overhead or overhead > options.max_overhead + noise[gc])
             ):
                 failures.append(f"gc={gc} {name}: overhead {overhead:.2f}% / FBP share {share:.2f}%")
+    return table, failures, noise
 
-    print(
-        f"\npreset {options.preset}, {options.resolution} px, batch {options.batch}, precision {options.precision}, "
-        f"{options.steps} steps x {options.rounds} rounds, window {options.window}, device {device} "
-        f"({torch.get_num_threads()} threads), {time.perf_counter() - started:.0f} s"
-    )
-    print(f"model FLOPs per step {step_flops / 1e9:.2f} GFLOP; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})\n")
+
+def print_table(table: list[dict[str, Any]], noise: dict[bool, float]) -> None:
     print("| grad. ckpt | method | samples/s | step ms (median) | peak memory MiB | MFU % | overhead % | FBP share % |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in table:
@@ -267,8 +279,38 @@ def main() -> None:
             f"{row['samples_per_second']:.2f} | {row['step_ms']:.1f} | {row['peak_memory_mib']:.0f} | "
             f"{row['mfu_percent']:.2f} | {fmt(row['overhead_percent'])} | {fmt(row['fbp_share_percent'])} |"
         )
-    for gc in checkpointing:
-        print(f"noise floor (gc {'on' if gc else 'off'}): baseline samples/s varied {noise[gc]:.1f}% between rounds")
+    for gc, floor in noise.items():
+        print(f"noise floor (gc {'on' if gc else 'off'}): baseline samples/s varied {floor:.1f}% between rounds")
+
+
+def main() -> None:
+    options = parse_options()
+    logging.basicConfig(level=logging.WARNING)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(tempfile.mkdtemp(prefix="fd-bench-train-"))
+    samples, source = prepare_inputs(options, work)
+    step_flops = count_step_flops(source, options.resolution, options.batch, device)
+    if options.peak_tflops:
+        peak, peak_source = options.peak_tflops * 1e12, "--peak-tflops"
+    else:
+        peak, peak_source = device_peak_flops(options.precision)
+
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[options.gradient_checkpointing]
+    variants = [("baseline", 0), ("fair", 0)] + ([("fair", options.fit_lag)] if options.fit_lag else [])
+    started = time.perf_counter()
+    measured = measure(samples, source, work, checkpointing, variants, options)
+    table, failures, noise = summarise(measured, checkpointing, variants, step_flops, peak, options)
+
+    print(
+        f"\npreset {options.preset}, {options.resolution} px, batch {options.batch}, precision {options.precision}, "
+        f"{options.steps} steps x {options.rounds} rounds, window {options.window}, device {device} "
+        f"({torch.get_num_threads()} threads), {time.perf_counter() - started:.0f} s"
+    )
+    print(f"model FLOPs per step {step_flops / 1e9:.2f} GFLOP; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})\n")
+    print_table(table, noise)
     if options.json:
         options.json.write_text(json.dumps({"options": vars(options) | {"json": str(options.json)}, "rows": table}))
     if failures:

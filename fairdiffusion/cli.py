@@ -18,10 +18,13 @@ import typer
 
 from fairdiffusion.config import PipelineConfig, TrackingConfig, config_to_dict, load_config, parse_config
 from fairdiffusion.errors import FairDiffusionError
+from fairdiffusion.registry import schema
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
+base_app = typer.Typer(no_args_is_help=True, help="The base model the demo fine-tunes.")
+app.add_typer(base_app, name="base")
 
 DEMO_CONFIG = Path("configs/demo.yaml")
 
@@ -51,19 +54,19 @@ def _run_pipeline(config: Path, force: bool = False) -> None:
     outcome = fairdiffusion_pipeline(config_path=str(config), force=force)
     cfg = load_config(config)
     uri = cfg.tracking.resolved_tracking_uri()
-    if outcome.status == "skipped":
+    if outcome.status == schema.STATUS_SKIPPED:
         typer.echo("")
         typer.echo("Skipped        : nothing trained, nothing registered")
         for reason in outcome.reasons:
             typer.echo(f"  - {reason}")
         typer.echo(f"Champion       : {outcome.model_name} v{outcome.version} (unchanged)")
-        typer.echo(f"MLflow run     : {outcome.run_id} (tags fd.skipped=true, fd.skip.reason)")
+        typer.echo(f"MLflow run     : {outcome.run_id} (tags {schema.SKIPPED}=true, {schema.SKIP_REASON})")
         typer.echo("Retrain anyway : add --force (fairdiffusion demo --force, or run --config FILE --force)")
         return
     verdict = {
-        "champion": "PASSED: promoted to champion",
-        "awaiting-approval": "PASSED: awaiting approval (fairdiffusion approve --version N --reason TEXT)",
-        "rejected": "FAILED: not promoted",
+        schema.STATUS_CHAMPION: "PASSED: promoted to champion",
+        schema.STATUS_AWAITING_APPROVAL: "PASSED: awaiting approval (fairdiffusion approve --version N --reason TEXT)",
+        schema.STATUS_REJECTED: "FAILED: not promoted",
     }[outcome.status]
     typer.echo("")
     typer.echo(f"Gate decision  : {verdict} ({outcome.model_name} v{outcome.version})")
@@ -123,21 +126,10 @@ def validate(
     docs: Path | None = typer.Option(None, "--docs", help="Also write Great Expectations Data Docs (HTML) here."),
 ) -> None:
     """Validate a dataset with the Great Expectations suites; exit 1 on any failure."""
-    from fairdiffusion.data.formats import load_dataset
-    from fairdiffusion.validation.suites import validate_dataset
+    from fairdiffusion.validation.run import run_validation
 
     cfg = _data_section(_config_or_default(config), data_dir, data_format)
-    dataset = load_dataset(cfg.data)
-    result = validate_dataset(
-        dataset.samples,
-        cfg.data.attributes,
-        cfg.validation,
-        cfg.data.train_splits,
-        cfg.data.test_split,
-        schema=dataset.schema,
-        excluded=dataset.excluded,
-        docs_dir=docs,
-    )
+    result = run_validation(cfg.data, cfg.validation, docs_dir=docs)
     typer.echo(result.summary(), err=not result.success)
     if docs is not None:
         typer.echo(f"Data Docs: {docs / 'index.html'}", err=not result.success)
@@ -207,6 +199,31 @@ _MODEL = typer.Option(None, "--model", help="Registered model name (default: the
 _CONFIG = typer.Option(None, "--config", "-c", help="Config naming the tracking URI (default configs/demo.yaml).")
 
 
+@data_app.command("make-demo")
+def data_make_demo(out: Path = typer.Argument(..., help="Folder to write (must be empty or absent).")) -> None:
+    """Write the synthetic demo dataset (FairGenMed layout; its README says how it is drawn)."""
+    from fairdiffusion.data.demo import generate_demo_dataset
+
+    typer.echo(f"Demo dataset   : {generate_demo_dataset(out)}")
+
+
+@base_app.command("build")
+def base_build(
+    out: Path = typer.Option(Path("base-model"), "--out", help="Bundle folder (replaced if it exists)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the pretraining set and every weight."),
+) -> None:
+    """Pretrain the base bundle (VAE, UNet, FID extractor) on the generated pretraining set.
+
+    Takes about 20 minutes on 2 CPU cores; `make base` also versions it (dvc add + push).
+    """
+    from fairdiffusion.models.base import BaseBuildSpec, build_base_bundle
+
+    result = build_base_bundle(out, BaseBuildSpec(seed=seed), progress=typer.echo)
+    typer.echo(f"Base bundle    : {result.bundle_dir}")
+    typer.echo(f"Seconds        : {json.dumps(result.seconds)}")
+    typer.echo(f"Final losses   : {json.dumps({k: round(v, 4) for k, v in result.final_losses.items()})}")
+
+
 @app.command()
 def audit(
     model: str | None = _MODEL,
@@ -243,17 +260,17 @@ def audit(
         page = render_audit_page(
             lineage,
             registry.decision_history(tracking),
-            runs.run_artifact_json(tracking, lineage["run_id"], "lineage/validation.json"),
-            runs.run_metrics(tracking, lineage["run_id"]),
+            runs.run_artifact_json(tracking, lineage.run_id, schema.VALIDATION_ARTIFACT),
+            runs.run_metrics(tracking, lineage.run_id),
         )
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(page)
         typer.echo(f"audit page written to {report}")
         return
     if as_json:
-        typer.echo(json.dumps(lineage, indent=2, sort_keys=True, default=str))
+        typer.echo(json.dumps(lineage.to_dict(), indent=2, sort_keys=True, default=str))
     else:
-        _print_table(lineage)
+        _print_table(lineage.to_dict())
 
 
 _REASON = typer.Option(..., "--reason", help="Why; recorded in the audit trail.")
@@ -330,7 +347,7 @@ def report(
 
     cfg = _config_or_default(config)
     tracking = cfg.tracking if model is None else cfg.tracking.model_copy(update={"model_name": model})
-    run_id = read_lineage(tracking, version=version)["run_id"]
+    run_id = read_lineage(tracking, version=version).run_id
     from fairdiffusion.evaluation.report import render_report_files
     from fairdiffusion.evaluation.results import EvaluationReport
 
@@ -340,12 +357,12 @@ def report(
             local = Path(
                 download_artifacts(
                     run_id=run_id,
-                    artifact_path="evaluation",
+                    artifact_path=schema.EVALUATION_DIR,
                     dst_path=tmp,
                     tracking_uri=tracking.resolved_tracking_uri(),
                 )
             )
-            data = json.loads((local / "evaluation.json").read_text())
+            data = json.loads((local / schema.EVALUATION_JSON).read_text())
         except Exception as error:  # noqa: BLE001 - any failure to read means there is no report to render
             raise FairDiffusionError(
                 f"report: {tracking.model_name} v{version} (run {run_id}) has no readable evaluation ({error})"

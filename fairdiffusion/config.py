@@ -246,6 +246,12 @@ class ModelConfig(_Section):
     tiny_dir: Path = Path("outputs/tiny-sd")
     #: Hub downloads happen only when this is true and ``pretrained`` names a hub id.
     allow_download: bool = False
+    #: The ``.dvc`` file that versions ``pretrained`` when it is a local folder (the demo's
+    #: ``base-model.dvc``): pulled and checked like the data, its md5 recorded in the lineage.
+    #: ``None``: ``pretrained`` is not versioned by this repo (a preset or a hub id).
+    dvc_file: Path | None = None
+    #: ``dvc pull`` the base model before checking it (off when it is already local).
+    pull: bool = True
 
 
 class DistributedConfig(_Section):
@@ -268,6 +274,59 @@ class DistributedConfig(_Section):
         if self.machine_rank >= self.num_machines:
             raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
         return self
+
+
+class FBPConfig(_Section):
+    """Fair Bayesian Perturbation (FairDiffusion Sec. 3.2), used when ``training.method`` is ``fair``."""
+
+    #: GP refit period in optimiser steps (the paper: 30).
+    time_window: int = Field(30, ge=2)
+    #: Weight kept on the GP's sigma at every step; the rest is uniform exploration (the paper: 0.95).
+    exploitation_rate: float = Field(0.95, ge=0, le=1)
+    #: Exploration weight of the UCB acquisition function.
+    ucb_beta: float = Field(0.1, ge=0)
+    #: 0: the paper's exact order (the GP is fitted on the training thread when a window
+    #: closes). k > 0: fitted on a background thread and applied k steps late (staleness k
+    #: steps; see :mod:`fairdiffusion.training.fbp`).
+    fit_lag: int = Field(0, ge=0)
+    #: Warn when sigma sits at a bound, or the subgroup loss gap stays flat, this many windows.
+    warn_windows: int = Field(5, ge=2)
+
+    @model_validator(mode="after")
+    def _lag_inside_window(self) -> FBPConfig:
+        if self.fit_lag >= self.time_window:
+            raise ValueError(f"fit_lag {self.fit_lag} must be below time_window {self.time_window}")
+        return self
+
+
+class SamplingConfig(_Section):
+    """Validation grids: generated samples per subgroup, logged while training runs."""
+
+    #: A grid of generated samples per subgroup every this many steps, as an MLflow
+    #: artifact (``None``: none).
+    every: int | None = Field(None, ge=1)
+    images_per_group: int = Field(2, ge=1)
+    inference_steps: int = Field(20, ge=1)
+
+
+#: Flat ``training`` keys that moved into a nested section, and where they are now.
+MOVED_TRAINING_KEYS: dict[str, str] = {
+    "fair_time_window": "training.fbp.time_window",
+    "fair_exploitation_rate": "training.fbp.exploitation_rate",
+    "ucb_beta": "training.fbp.ucb_beta",
+    "fair_fit_lag": "training.fbp.fit_lag",
+    "fair_warn_windows": "training.fbp.warn_windows",
+    "validation_every": "training.sampling.every",
+    "validation_images_per_group": "training.sampling.images_per_group",
+    "validation_inference_steps": "training.sampling.inference_steps",
+}
+
+
+def moved_training_keys(training: object) -> list[str]:
+    """One message per moved key that a ``training`` mapping still uses, naming its new place."""
+    if not isinstance(training, dict):
+        return []
+    return [f"training.{key} moved to {new}" for key, new in MOVED_TRAINING_KEYS.items() if key in training]
 
 
 class TrainingConfig(_Section):
@@ -321,28 +380,21 @@ class TrainingConfig(_Section):
     #: ``latest``: continue from the newest complete checkpoint (fresh start if none);
     #: a path: continue from that checkpoint; ``None``: start fresh.
     resume: str | None = None
-    #: A grid of generated samples per subgroup every this many steps, as an MLflow
-    #: artifact (``None``: none).
-    validation_every: int | None = Field(None, ge=1)
-    validation_images_per_group: int = Field(2, ge=1)
-    validation_inference_steps: int = Field(20, ge=1)
-    #: Fair Bayesian Perturbation (paper Sec. 3.2): GP refit period in steps.
-    fair_time_window: int = Field(30, ge=2)
-    #: Weight kept on the GP's sigma at every step; the rest is uniform exploration.
-    fair_exploitation_rate: float = Field(0.95, ge=0, le=1)
-    ucb_beta: float = Field(0.1, ge=0)
-    #: 0: the paper's exact order (the GP is fitted on the training thread when a window
-    #: closes). k > 0: fitted on a background thread and applied k steps late (staleness k
-    #: steps; see :mod:`fairdiffusion.training.fbp`).
-    fair_fit_lag: int = Field(0, ge=0)
-    #: Warn when sigma sits at a bound, or the subgroup loss gap stays flat, this many windows.
-    fair_warn_windows: int = Field(5, ge=2)
+    fbp: FBPConfig = FBPConfig()
+    sampling: SamplingConfig = SamplingConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_moved_keys(cls, data: Any) -> Any:
+        # For Python callers; a YAML file is checked by parse_config first, with a cleaner message.
+        moved = moved_training_keys(data)
+        if moved:
+            raise ValueError("; ".join(moved))
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
-        if self.fair_fit_lag >= self.fair_time_window:
-            raise ValueError(f"fair_fit_lag {self.fair_fit_lag} must be below fair_time_window {self.fair_time_window}")
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("lora_alpha needs lora_rank")
         return self
@@ -351,10 +403,13 @@ class TrainingConfig(_Section):
 class ExtractorConfig(_Section):
     """The image feature network behind every FID. Its name is in every metric's name."""
 
-    #: ``randcnn``: a fixed, seeded random conv net that needs no weights (demo only;
-    #: not comparable with published FIDs). ``inception``: the standard FID Inception-v3
-    #: TorchScript network, loaded only from ``weights`` or the usual cache, never fetched.
-    name: Literal["randcnn", "inception"] = "inception"
+    #: ``inception``: the standard FID Inception-v3 TorchScript network, loaded only from
+    #: ``weights`` or the usual cache, never fetched; the choice wherever its weights exist.
+    #: ``domain``: the fundus encoder trained with the base model on its pretraining set
+    #: only (``weights``: the base bundle folder, default ``base-model``); metrics named
+    #: ``fid_fundus-enc64/...``. ``randcnn``: a fixed, seeded random conv net that needs no
+    #: weights; it measures little on fundus images, kept for comparison.
+    name: Literal["randcnn", "inception", "domain"] = "inception"
     dim: int = Field(32, ge=2)
     weights: Path | None = None
 
@@ -507,6 +562,9 @@ def parse_config(raw: object, source: str = "<config>") -> PipelineConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    moved = moved_training_keys(raw.get("training"))
+    if moved:
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  - {line}" for line in moved))
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:

@@ -19,6 +19,7 @@ _TAG_LIMIT = 5000  # MLflow's limit on a tag value's length
 
 
 def mlflow_client(tracking: TrackingConfig) -> Any:
+    """A client for the tracking URI in force (registry on the same URI); a SQLite file's folder is created."""
     from mlflow import MlflowClient
 
     uri = tracking.resolved_tracking_uri()
@@ -28,6 +29,7 @@ def mlflow_client(tracking: TrackingConfig) -> Any:
 
 
 def json_tag(value: object) -> str:
+    """A value as a JSON tag, truncated (and marked so) at MLflow's tag length limit."""
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= _TAG_LIMIT else text[: _TAG_LIMIT - 20] + "...(truncated)"
 
@@ -121,6 +123,7 @@ def log_artifact(tracking: TrackingConfig, run_id: str, local_file: str | Path, 
 
 
 def artifact_json(client: Any, run_id: str, path: str) -> Any:
+    """A run's JSON artifact read through ``client``, or ``None`` when absent."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, path, tmp)

@@ -6,7 +6,7 @@ from prefect import flow
 
 from fairdiffusion.config import load_config
 from fairdiffusion.registry.lineage import PromotionOutcome
-from tasks.data import load_samples, read_champion, skip_if_unchanged, version_data
+from tasks.data import load_samples, read_champion, skip_if_unchanged, version_base_model, version_data
 from tasks.evaluate import evaluate_candidate
 from tasks.promote import promote_if_fair
 from tasks.tracking import close_tracking_run, open_tracking_run
@@ -23,8 +23,9 @@ def fairdiffusion_pipeline(config_path: str = "configs/demo.yaml", force: bool =
     """
     config = load_config(config_path)
     data_version = version_data(config)
+    base_version = version_base_model(config)
     champion = read_champion(config)
-    run_id = open_tracking_run(config, data_version)
+    run_id = open_tracking_run(config, data_version, base_version)
     try:
         skipped = skip_if_unchanged(config, data_version, champion, run_id, force)
         if skipped is not None:

@@ -24,6 +24,20 @@ def version_data(config: PipelineConfig) -> DataVersion:
     return version
 
 
+@task(name="version_base_model", retries=2, retry_delay_seconds=5)
+def version_base_model(config: PipelineConfig) -> DataVersion | None:
+    """The version ``model.dvc_file`` names, pulled and checked as the data is (``None``: not DVC-versioned)."""
+    dvc_file = config.model.dvc_file
+    if dvc_file is None:
+        return None
+    version = resolve_data_version(dvc_file)
+    if config.model.pull:
+        verify_data(dvc_file, allow_missing=True)  # never pull over local edits
+        pull_data(dvc_file, config.data.remote)
+    verify_data(dvc_file)
+    return version
+
+
 @task(name="read_champion", retries=2, retry_delay_seconds=2)
 def read_champion(config: PipelineConfig) -> ChampionBaseline | None:
     """The data, config and group counts the current champion was trained on (``None``: no champion)."""

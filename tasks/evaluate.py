@@ -10,7 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from fairdiffusion.config import PipelineConfig
 from fairdiffusion.evaluation.evaluate import evaluate_model
+from fairdiffusion.evaluation.report import render_markdown
 from fairdiffusion.evaluation.results import EvaluationReport
+from fairdiffusion.models.loading import reference_model
 from fairdiffusion.registry import lineage
 from fairdiffusion.training.results import TrainingResult
 
@@ -21,6 +23,7 @@ def evaluate_candidate(
 ) -> EvaluationReport:
     """Every slice's FID/KID/IS with intervals, equity, and AUCs; logged to MLflow and published in Prefect."""
     test_rows = samples[samples["split"] == config.data.test_split]
+    train_rows = samples[samples["split"].isin(config.data.train_splits)]
     report = evaluate_model(
         training.model_dir,
         test_rows,
@@ -28,12 +31,14 @@ def evaluate_candidate(
         config.training.resolution,
         config.evaluation,
         data_version=data_md5,
+        train_samples=train_rows,
+        reference_dir=reference_model(config.model),
     )
     # The gate fails closed unless the evaluation names the data version it judged.
     report = replace(report, protocol=report.protocol | {"data_md5": data_md5})
     lineage.record_evaluation(config, run_id, report)
     create_markdown_artifact(
-        markdown=report.to_markdown(),
+        markdown=render_markdown(report),
         key="evaluation-report",
         description=f"Subgroup evaluation of MLflow run {run_id}; charts, grids and report.html under its "
         "evaluation/ artifacts",

@@ -11,9 +11,11 @@ from fairdiffusion.registry import lineage
 
 
 @task(name="open_tracking_run", retries=2, retry_delay_seconds=2)
-def open_tracking_run(config: PipelineConfig, data_version: DataVersion) -> str:
+def open_tracking_run(
+    config: PipelineConfig, data_version: DataVersion, base_version: DataVersion | None = None
+) -> str:
     """Start the MLflow run that every later stage logs to, with its lineage so far."""
-    return lineage.open_pipeline_run(config, data_version)
+    return lineage.open_pipeline_run(config, data_version, base_version)
 
 
 @task(name="close_tracking_run", retries=2, retry_delay_seconds=2)

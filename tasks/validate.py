@@ -13,7 +13,7 @@ from fairdiffusion.errors import ValidationFailed
 from fairdiffusion.registry import lineage
 from fairdiffusion.registry.skip import ChampionBaseline
 from fairdiffusion.validation.result import ReferenceCounts, ValidationResult
-from fairdiffusion.validation.suites import validate_dataset
+from fairdiffusion.validation.run import run_validation
 
 
 @task(name="validate_data")
@@ -26,17 +26,7 @@ def validate_data(
         label = f"champion v{champion.version} (data md5 {(champion.data_md5 or '?')[:12]})"
         reference = ReferenceCounts(label, champion.group_counts)
     with tempfile.TemporaryDirectory(prefix="fd-data-docs-") as docs:
-        result = validate_dataset(
-            dataset.samples,
-            config.data.attributes,
-            config.validation,
-            config.data.train_splits,
-            config.data.test_split,
-            schema=dataset.schema,
-            excluded=dataset.excluded,
-            reference=reference,
-            docs_dir=docs,
-        )
+        result = run_validation(config.data, config.validation, dataset=dataset, reference=reference, docs_dir=docs)
         lineage.record_validation(config, run_id, result)
     result = replace(result, data_docs=f"runs:/{run_id}/validation/data_docs" if result.data_docs else None)
     if not result.success:

@@ -120,6 +120,7 @@ def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     """A rerun with nothing changed says it skipped, why, and how to retrain anyway."""
     import flows.pipeline
     from fairdiffusion import cli
+    from fairdiffusion.registry import schema
     from fairdiffusion.registry.lineage import PromotionOutcome
 
     reason = "data (md5 6b5ef68bcbaf) and config (sha256 0123456789ab) are those champion v1 was trained on"
@@ -132,7 +133,7 @@ def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             version="1",
             promoted=False,
             passed=False,
-            status="skipped",
+            status=schema.STATUS_SKIPPED,
             reasons=[f"{reason}: nothing new to train on"],
             compared_with_version="1",
             run_id="abc123",
@@ -148,5 +149,5 @@ def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "Skipped        : nothing trained, nothing registered" in printed
     assert f"  - {reason}: nothing new to train on" in printed
     assert "Champion       : fairdiffusion v1 (unchanged)" in printed
-    assert "fd.skipped=true" in printed and "--force" in printed
+    assert f"{schema.SKIPPED}=true" in printed and "--force" in printed
     assert "Gate decision" not in printed

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -43,6 +44,13 @@ ETHNICITY = {"Non-Hispanic/Non-Latino": "Non-Hispanic", "Hispanic/Latino": "Hisp
 SAMPLE_COLUMNS = [*COMMON_COLUMNS[:5], "sex", "race", "ethnicity", "age", "view", "diagnosis", *COMMON_COLUMNS[5:]]
 _PATIENT = re.compile(r"^patient\d+$")
 _SEX = {"Male": "Male", "Female": "Female"}
+
+
+class _Person(NamedTuple):
+    patient: str
+    sex: str
+    race: str
+    ethnicity: str | None
 
 
 def build_chexpert_prompt(sex: str, race: str, diagnosis: str) -> str:
@@ -122,21 +130,8 @@ def load_chexpert(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
-    if not (root / LABEL_FILES[0]).is_file():
-        raise DatasetError(f"{root / LABEL_FILES[0]}: missing (CheXpert keeps its labels there)")
-    tables = []
-    for name in LABEL_FILES:
-        if (root / name).is_file():
-            table = _read_table(root / name, [*LABEL_COLUMNS, options.target])
-            tables.append(table.assign(_file=name))
-    labels = pd.concat(tables, ignore_index=True)
-    demographics_path = options.demographics if options.demographics.is_absolute() else root / options.demographics
-    if not demographics_path.is_file():
-        raise DatasetError(f"{demographics_path}: demographics table not found (data.chexpert.demographics)")
-    demographics = _read_table(demographics_path, DEMOGRAPHICS_COLUMNS)
-    demographics["PATIENT"] = demographics["PATIENT"].str.strip()
-    by_patient = demographics.drop_duplicates("PATIENT").set_index("PATIENT")
-
+    labels = _read_labels(root, options.target)
+    by_patient = _read_demographics(root, options)
     rows: list[dict[str, object]] = []
     excluded: list[tuple[str, str]] = []
     for record in labels.to_dict(orient="records"):
@@ -146,49 +141,85 @@ def load_chexpert(
         relative = _relative_image_path(str(record["Path"]))
         subject = relative.with_suffix("").as_posix()
         patient = next((part for part in relative.parts if _PATIENT.match(part)), None)
-        sex = _SEX.get(str(record["Sex"]).strip())
-        if sex is None:
-            excluded.append((subject, f"unknown sex ({record['Sex']!r})"))
+        person = _demographics(record, patient, by_patient, attributes)
+        if isinstance(person, str):
+            excluded.append((subject, person))
             continue
-        if patient is None or patient not in by_patient.index:
-            excluded.append((subject, "patient not in the demographics table"))
-            continue
-        demo = by_patient.loc[patient]
-        race = map_race(demo["PRIMARY_RACE"])
-        if race is None:
-            excluded.append((subject, f"race {demo['PRIMARY_RACE']!r} is not Asian, Black or White"))
-            continue
-        ethnicity = ETHNICITY.get(str(demo["ETHNICITY"]).strip())
-        if "ethnicity" in attributes and ethnicity is None:
-            excluded.append((subject, f"unknown ethnicity ({demo['ETHNICITY']!r})"))
-            continue
-        diagnosis = _target_value(record[options.target], options.target)
-        age = pd.to_numeric(record["Age"], errors="coerce")
-        image_path = root / relative
-        rows.append(
-            {
-                "subject": subject,
-                "patient_id": patient,
-                "split": assign_split(patient, split_fractions, split_seed),
-                "image_path": str(image_path),
-                "prompt": build_chexpert_prompt(sex, race, diagnosis)
-                if diagnosis in diagnosis_classes(options.target)
-                else None,
-                "sex": sex,
-                "race": race,
-                "ethnicity": ethnicity,
-                "age": None if pd.isna(age) else float(age),
-                "view": view,
-                "diagnosis": diagnosis,
-                "source": (str(record.get("source") or "").strip() or "real")
-                if isinstance(record.get("source"), str)
-                else "real",
-                "generated_by": str(record["generated_by"]).strip()
-                if isinstance(record.get("generated_by"), str)
-                else None,
-                "read_error": None if image_path.is_file() else f"no image file {relative} under {root}",
-            }
-        )
+        split = assign_split(person.patient, split_fractions, split_seed)
+        rows.append(_sample_row(record, root, relative, split, view, person, options.target))
     samples = limit_per_split(pd.DataFrame(rows, columns=SAMPLE_COLUMNS), max_subjects_per_split)
     schema = SampleSchema("chexpert", {"diagnosis": diagnosis_classes(options.target)}, "diagnosis", image_ndim=2)
     return LoadedDataset(samples, excluded_frame(excluded), schema)
+
+
+def _read_labels(root: Path, target: str) -> pd.DataFrame:
+    """``train.csv`` and ``valid.csv`` (when present), pooled."""
+    if not (root / LABEL_FILES[0]).is_file():
+        raise DatasetError(f"{root / LABEL_FILES[0]}: missing (CheXpert keeps its labels there)")
+    tables = []
+    for name in LABEL_FILES:
+        if (root / name).is_file():
+            table = _read_table(root / name, [*LABEL_COLUMNS, target])
+            tables.append(table.assign(_file=name))
+    return pd.concat(tables, ignore_index=True)
+
+
+def _read_demographics(root: Path, options: CheXpertConfig) -> pd.DataFrame:
+    """The demographics table, one row per patient id (the first of any duplicates)."""
+    path = options.demographics if options.demographics.is_absolute() else root / options.demographics
+    if not path.is_file():
+        raise DatasetError(f"{path}: demographics table not found (data.chexpert.demographics)")
+    demographics = _read_table(path, DEMOGRAPHICS_COLUMNS)
+    demographics["PATIENT"] = demographics["PATIENT"].str.strip()
+    return demographics.drop_duplicates("PATIENT").set_index("PATIENT")
+
+
+def _demographics(
+    record: Mapping[str, object], patient: str | None, by_patient: pd.DataFrame, attributes: Sequence[str]
+) -> _Person | str:
+    """Who an image shows, or the reason it is excluded."""
+    sex = _SEX.get(str(record["Sex"]).strip())
+    if sex is None:
+        return f"unknown sex ({record['Sex']!r})"
+    if patient is None or patient not in by_patient.index:
+        return "patient not in the demographics table"
+    demo = by_patient.loc[patient]
+    race = map_race(demo["PRIMARY_RACE"])
+    if race is None:
+        return f"race {demo['PRIMARY_RACE']!r} is not Asian, Black or White"
+    ethnicity = ETHNICITY.get(str(demo["ETHNICITY"]).strip())
+    if "ethnicity" in attributes and ethnicity is None:
+        return f"unknown ethnicity ({demo['ETHNICITY']!r})"
+    return _Person(patient, sex, race, ethnicity)
+
+
+def _sample_row(
+    record: Mapping[str, object],
+    root: Path,
+    relative: PurePosixPath,
+    split: str,
+    view: str,
+    person: _Person,
+    target: str,
+) -> dict[str, object]:
+    sex, race = person.sex, person.race
+    diagnosis = _target_value(record[target], target)
+    age = pd.to_numeric(record["Age"], errors="coerce")
+    image_path = root / relative
+    source, generated_by = record.get("source"), record.get("generated_by")
+    return {
+        "subject": relative.with_suffix("").as_posix(),
+        "patient_id": person.patient,
+        "split": split,
+        "image_path": str(image_path),
+        "prompt": build_chexpert_prompt(sex, race, diagnosis) if diagnosis in diagnosis_classes(target) else None,
+        "sex": sex,
+        "race": race,
+        "ethnicity": person.ethnicity,
+        "age": None if pd.isna(age) else float(age),
+        "view": view,
+        "diagnosis": diagnosis,
+        "source": (source.strip() or "real") if isinstance(source, str) else "real",
+        "generated_by": generated_by.strip() if isinstance(generated_by, str) else None,
+        "read_error": None if image_path.is_file() else f"no image file {relative} under {root}",
+    }

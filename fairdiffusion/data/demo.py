@@ -1,10 +1,16 @@
 """A seeded generator of SYNTHETIC fundus data in the exact FairGenMed layout.
 
 No patient data: every subject, label and image is drawn from a seeded random
-generator. The images are simple renderings whose appearance depends on the clinical
-labels (cup-to-disc ratio, vision loss), and slightly on race (background pigment), so
-a model has something real to learn and subgroup metrics have something to measure.
-Subgroups are imbalanced the way FairGenMed is (one race near 10%, few Hispanic).
+generator. The images are renderings whose appearance depends on the clinical labels
+(cup-to-disc ratio, vision loss) and on race, so a model has something real to learn and
+subgroup metrics have something to measure. Subgroups are imbalanced the way FairGenMed
+is (one race near 10%, few Hispanic).
+
+The group effect is deliberate (see ``data/README.md``): the rare group (Asian, ~10%) has
+a darker fundus with a *tessellated* texture, the radial stripes of visible choroidal
+vessels that real fundus photos show more often in East Asian, myopic eyes. The base
+model's pretraining set (:mod:`fairdiffusion.data.pretraining`) has no tessellation, so a
+fine-tune has to learn this group's look from its few subjects.
 """
 
 from __future__ import annotations
@@ -20,18 +26,42 @@ from fairdiffusion.data.fairgenmed import NewSubject
 
 RACES = [(0, 0.10), (1, 0.20), (2, 0.70)]  # Asian, Black, White
 RACE_STRINGS = {0: "Asian", 1: "Black or African American", 2: "White or Caucasian"}
-_PIGMENT = {0: 6.0, 1: -18.0, 2: 10.0}
+_PIGMENT = {0: -12.0, 1: -18.0, 2: 10.0}
+#: Strength of the tessellated (radial choroidal stripe) texture per race code.
+_TESSELLATION = {0: 12.0, 1: 0.0, 2: 0.0}
 _CUP_RATIO = {"normal": 0.30, "borderline": 0.50, "abnormal": 0.72}
 _VISION_DIM = {"normal": 0.0, "mild": 10.0, "moderate": 22.0, "severe": 38.0}
 
 DEMO_README = """# FairGenMed demo data (SYNTHETIC)
 
 Every subject in this folder is synthetic: made by `fairdiffusion.data.demo`
-(seed {seed}), not taken from any patient. It follows the FairGenMed layout
-(split folders of `data_XXXXX.npz` + `slo_fundus_XXXXX.jpg`, and `data_summary.csv`)
-so the pipeline reads it exactly as it reads the real download.
+(`fairdiffusion data make-demo`, seed {seed}), not taken from any patient. It follows the
+FairGenMed layout (split folders of `data_XXXXX.npz` + `slo_fundus_XXXXX.jpg`, and
+`data_summary.csv`) so the pipeline reads it exactly as it reads the real download.
 
 Subjects: {counts}.
+
+## How each subject is drawn
+
+1. **Demographics.** Race: Asian 10%, Black 20%, White 70% (FairGenMed-like imbalance);
+   male 45%; Hispanic 10%. A fifth of the npz files store race as FairGenMed's strings.
+2. **Clinical labels.** Glaucoma 50%; given glaucoma or not, the cup-to-disc status
+   (normal / borderline / abnormal) and the vision-loss severity are drawn with the
+   published tendencies (glaucoma: larger cups, more loss); refraction (se) status and
+   RNFLT status independently.
+3. **Image (64 x 64 grayscale SLO).** A circular fundus field whose brightness falls
+   off from the centre; an optic disc right of centre (every eye a right eye, one camera)
+   whose cup grows with the cup-to-disc status; four vessels arcing from the disc; a
+   dimming with the vision-loss severity; Gaussian noise.
+4. **The group effect (deliberate).** The look depends on race: the background pigment
+   is darker for Black (-18) and Asian (-12) than for White (+10) subjects, and **Asian
+   subjects' fundus is tessellated**: radial choroidal stripes (14 around the fovea),
+   as real fundus photos show more often in East Asian, myopic eyes. So the rare group
+   (10%) is visually distinct: a model has to learn its look from few subjects.
+
+The base model never saw these images: it was pretrained on a separate generated set
+(`fairdiffusion.data.pretraining`) whose look varies at random (pigment, brightness, left
+and right eyes, stripe textures of other counts), independent of any demographic word.
 """
 
 
@@ -39,9 +69,10 @@ Subjects: {counts}.
 class DemoDatasetSpec:
     """Size and seed of a synthetic FairGenMed dataset."""
 
-    train: int = 240
+    train: int = 320
     val: int = 40
-    test: int = 120
+    #: 200 test subjects: about 20 in the rare group, enough for a per-group FID with an interval.
+    test: int = 200
     image_size: int = 64
     seed: int = 20240
     #: Share of npz files that store race as FairGenMed's strings instead of codes.
@@ -79,14 +110,44 @@ def _sample_labels(rng: np.random.Generator) -> dict[str, object]:
     }
 
 
-def render_fundus(labels: dict[str, object], size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+@dataclass(frozen=True)
+class Appearance:
+    """How a fundus looks apart from its clinical labels: the camera and the eye.
+
+    The demo derives it from race (:func:`demo_appearance`); the pretraining set draws it
+    at random, independent of any group.
+    """
+
+    pigment: float = 0.0
+    tessellation: float = 0.0
+    #: Stripes around the fovea of a tessellated fundus.
+    tessellation_stripes: float = 14.0
+    brightness: float = 0.0
+    #: ``right``: the disc right of centre (as every demo image); ``left``: mirrored.
+    eye: str = "right"
+
+
+def demo_appearance(labels: dict[str, object]) -> Appearance:
+    """The demo dataset's look of a subject: its race's pigment and tessellation, one camera, right eyes."""
+    race = _race_code(labels)
+    return Appearance(pigment=_PIGMENT[race], tessellation=_TESSELLATION[race])
+
+
+def render_fundus(
+    labels: dict[str, object],
+    size: int | tuple[int, int],
+    rng: np.random.Generator,
+    appearance: Appearance | None = None,
+) -> np.ndarray:
     """Render one synthetic SLO fundus image (2-D uint8) whose look follows its labels.
 
     Args:
         labels: One subject's labels (see ``_sample_labels``).
         size: The side of a square image, or (height, width); FairGenMed's is (664, 512).
         rng: Draws the disc position, the vessels and the noise.
+        appearance: Pigment, texture, brightness and eye; ``None``: :func:`demo_appearance`.
     """
+    look = appearance or demo_appearance(labels)
     height, width = (size, size) if isinstance(size, int) else size
     scale = min(height, width)
     # Normalised coordinates: the fundus field is a circle in the middle of the image.
@@ -96,9 +157,19 @@ def render_fundus(labels: dict[str, object], size: int | tuple[int, int], rng: n
     centre = 0.5
     field = (yy - centre) ** 2 + (xx - centre) ** 2 < 0.47**2
     radius = np.hypot(yy - centre, xx - centre)
-    image = 85.0 + _PIGMENT[_race_code(labels)] + 25.0 * (1 - 2 * radius)
+    image = 85.0 + look.pigment + look.brightness + 25.0 * (1 - 2 * radius)
+    if look.tessellation:
+        # Radial stripes around the fovea, fading towards it: a tessellated fundus. No
+        # random draw, so a group's texture leaves every other subject's images as they were.
+        angle = np.arctan2(yy - centre, xx - centre)
+        image += (
+            look.tessellation
+            * np.sin(look.tessellation_stripes * angle + 4 * np.sin(20 * radius))
+            * np.clip(radius * 4, 0, 1)
+        )
 
-    disc_y, disc_x = 0.5 + rng.normal(0, 0.03), 0.66 + rng.normal(0, 0.03)
+    side = 1.0 if look.eye == "right" else -1.0
+    disc_y, disc_x = 0.5 + rng.normal(0, 0.03), 0.5 + side * (0.16 + rng.normal(0, 0.03))
     disc_r = 0.11 + rng.normal(0, 0.008)
     distance = np.hypot(yy - disc_y, xx - disc_x)
     image += 70.0 * np.exp(-((distance / disc_r) ** 4))
@@ -110,7 +181,7 @@ def render_fundus(labels: dict[str, object], size: int | tuple[int, int], rng: n
         curvature = rng.normal(0, 1.5)
         t = np.linspace(0, 0.6, 200)
         path_y = disc_y + t * np.sin(angle) + curvature * t**2 * np.cos(angle)
-        path_x = disc_x - t * np.abs(np.cos(angle)) - 0.1 * t
+        path_x = disc_x - side * (t * np.abs(np.cos(angle)) + 0.1 * t)
         d = _distance_to_path(yy, xx, path_y, path_x, scale)
         near = np.isfinite(d)
         image[near] -= 40.0 * np.exp(-((d[near] * scale / 0.9) ** 2))
@@ -203,7 +274,7 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoDatasetSpec | None = No
 def demo_subjects(
     count: int, seed: int, image_size: int | tuple[int, int] = 64, race: str | None = None
 ) -> list[NewSubject]:
-    """Synthetic subjects drawn like the demo's, to grow a dataset with :func:`fairdiffusion.data.fairgenmed.add_subjects`.
+    """Synthetic subjects drawn like the demo's, to grow a dataset with ``add_subjects``.
 
     Args:
         count: How many subjects.

@@ -153,6 +153,7 @@ def load_fairgenmed(root: str | Path, splits: Sequence[str], max_subjects_per_sp
         raise DatasetError(f"{root}: dataset folder not found")
     summary = _read_summary(root)
     by_file: dict[str, dict[str, object]] = summary.to_dict(orient="index")
+    columns = set(summary.columns)
     rows: list[dict[str, object]] = []
     for split in splits:
         split_dir = root / split
@@ -162,49 +163,47 @@ def load_fairgenmed(root: str | Path, splits: Sequence[str], max_subjects_per_sp
         if max_subjects_per_split is not None:
             npz_files = npz_files[:max_subjects_per_split]
         for npz_path in npz_files:
-            number = _NPZ_NAME.match(npz_path.name).group(1)  # type: ignore[union-attr]
-            attributes, error = _read_npz_attributes(npz_path)
-            labels = by_file.get(npz_path.name)
-
-            def label(column: str, labels: dict[str, object] | None = labels) -> str | None:
-                value = None if labels is None else labels.get(column)
-                if value is None or pd.isna(value):
-                    return None
-                return str(value).strip()
-
-            row: dict[str, object] = {
-                "subject": npz_path.stem,
-                "patient_id": npz_path.stem,
-                "split": split,
-                "npz_path": str(npz_path),
-                "image_path": str(split_dir / f"slo_fundus_{number}.jpg"),
-                "race": attributes["race"],
-                "gender": attributes["male"],
-                "ethnicity": attributes["hispanic"],
-                "glaucoma": attributes["glaucoma"],
-                "md_severity": label("md_severity"),
-                "cdr_status": label("cdr_status"),
-                "se_status": label("near_vision_refraction_stage"),
-                "rnflt_status": label("rnflt_status") if "rnflt_status" in summary.columns else None,
-                "source": label("source") if "source" in summary.columns and label("source") else "real",
-                "generated_by": label("generated_by") if "generated_by" in summary.columns else None,
-                "read_error": error,
-            }
-            prompt_parts = [
-                row[key]
-                for key in (
-                    "race",
-                    "gender",
-                    "ethnicity",
-                    "glaucoma",
-                    "md_severity",
-                    "cdr_status",
-                    "se_status",
-                )
-            ]
-            row["prompt"] = build_prompt(*prompt_parts) if all(prompt_parts) else None  # type: ignore[arg-type]
-            rows.append(row)
+            rows.append(_subject_row(npz_path, split, by_file.get(npz_path.name), columns))
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+
+
+_PROMPT_COLUMNS = ("race", "gender", "ethnicity", "glaucoma", "md_severity", "cdr_status", "se_status")
+
+
+def _subject_row(
+    npz_path: Path, split: str, labels: dict[str, object] | None, summary_columns: set[str]
+) -> dict[str, object]:
+    """One subject's row: attributes from its npz, labels from its ``data_summary.csv`` row."""
+    number = _NPZ_NAME.match(npz_path.name).group(1)  # type: ignore[union-attr]
+    attributes, error = _read_npz_attributes(npz_path)
+
+    def label(column: str) -> str | None:
+        value = None if labels is None else labels.get(column)
+        if value is None or pd.isna(value):
+            return None
+        return str(value).strip()
+
+    row: dict[str, object] = {
+        "subject": npz_path.stem,
+        "patient_id": npz_path.stem,
+        "split": split,
+        "npz_path": str(npz_path),
+        "image_path": str(npz_path.parent / f"slo_fundus_{number}.jpg"),
+        "race": attributes["race"],
+        "gender": attributes["male"],
+        "ethnicity": attributes["hispanic"],
+        "glaucoma": attributes["glaucoma"],
+        "md_severity": label("md_severity"),
+        "cdr_status": label("cdr_status"),
+        "se_status": label("near_vision_refraction_stage"),
+        "rnflt_status": label("rnflt_status") if "rnflt_status" in summary_columns else None,
+        "source": label("source") if "source" in summary_columns and label("source") else "real",
+        "generated_by": label("generated_by") if "generated_by" in summary_columns else None,
+        "read_error": error,
+    }
+    prompt_parts = [row[key] for key in _PROMPT_COLUMNS]
+    row["prompt"] = build_prompt(*prompt_parts) if all(prompt_parts) else None  # type: ignore[arg-type]
+    return row
 
 
 @dataclass(frozen=True)

@@ -104,39 +104,55 @@ def load_ham10000(
     excluded: list[tuple[str, str]] = []
     for record in metadata.to_dict(orient="records"):
         image_id = _text(record["image_id"]) or "?"
-        lesion_id = _text(record["lesion_id"])
-        sex = _SEX.get((_text(record["sex"]) or "").lower())
-        try:
-            age = float(record["age"]) if _text(record["age"]) is not None else None
-        except ValueError:
-            age = None
-        if sex is None:
-            excluded.append((image_id, f"unknown sex ({_text(record['sex'])!r})"))
+        person = _sex_and_age(record)
+        if isinstance(person, str):
+            excluded.append((image_id, person))
             continue
-        if age is None:
-            excluded.append((image_id, f"unknown age ({_text(record['age'])!r})"))
-            continue
-        dx = _text(record["dx"])
-        diagnosis = None if dx not in DX_CODES else ("malignant" if dx in MALIGNANT_DX else "benign")
-        age_group = "under 60" if age < AGE_THRESHOLD else "60 or older"
-        image = images.get(image_id)
-        source = _text(record.get("source")) or "real"
-        rows.append(
-            {
-                "subject": image_id,
-                "patient_id": lesion_id,
-                "split": assign_split(lesion_id or image_id, split_fractions, split_seed),
-                "image_path": str(image if image is not None else root / "HAM10000_images_part_1" / f"{image_id}.jpg"),
-                "prompt": build_ham10000_prompt(sex, age_group, diagnosis) if diagnosis else None,
-                "sex": sex,
-                "age_group": age_group,
-                "age": age,
-                "diagnosis": diagnosis,
-                "dx": dx,
-                "source": source,
-                "generated_by": _text(record.get("generated_by")),
-                "read_error": None if image is not None else f"no image file {image_id}.jpg under {root}",
-            }
-        )
+        rows.append(_sample_row(record, image_id, person, images.get(image_id), root, split_fractions, split_seed))
     samples = limit_per_split(pd.DataFrame(rows, columns=SAMPLE_COLUMNS), max_subjects_per_split)
     return LoadedDataset(samples, excluded_frame(excluded), SCHEMA)
+
+
+def _sex_and_age(record: Mapping[str, object]) -> tuple[str, float] | str:
+    """An image's sex and age, or the reason it is excluded."""
+    sex = _SEX.get((_text(record["sex"]) or "").lower())
+    try:
+        age = float(record["age"]) if _text(record["age"]) is not None else None  # type: ignore[arg-type]
+    except ValueError:
+        age = None
+    if sex is None:
+        return f"unknown sex ({_text(record['sex'])!r})"
+    if age is None:
+        return f"unknown age ({_text(record['age'])!r})"
+    return sex, age
+
+
+def _sample_row(
+    record: Mapping[str, object],
+    image_id: str,
+    person: tuple[str, float],
+    image: Path | None,
+    root: Path,
+    split_fractions: Mapping[str, float],
+    split_seed: int,
+) -> dict[str, object]:
+    sex, age = person
+    lesion_id = _text(record["lesion_id"])
+    dx = _text(record["dx"])
+    diagnosis = None if dx not in DX_CODES else ("malignant" if dx in MALIGNANT_DX else "benign")
+    age_group = "under 60" if age < AGE_THRESHOLD else "60 or older"
+    return {
+        "subject": image_id,
+        "patient_id": lesion_id,
+        "split": assign_split(lesion_id or image_id, split_fractions, split_seed),
+        "image_path": str(image if image is not None else root / "HAM10000_images_part_1" / f"{image_id}.jpg"),
+        "prompt": build_ham10000_prompt(sex, age_group, diagnosis) if diagnosis else None,
+        "sex": sex,
+        "age_group": age_group,
+        "age": age,
+        "diagnosis": diagnosis,
+        "dx": dx,
+        "source": _text(record.get("source")) or "real",
+        "generated_by": _text(record.get("generated_by")),
+        "read_error": None if image is not None else f"no image file {image_id}.jpg under {root}",
+    }

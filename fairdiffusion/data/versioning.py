@@ -26,6 +26,8 @@ import pandas as pd
 import yaml
 
 from fairdiffusion.config import DataConfig
+from fairdiffusion.data.counts import count_groups
+from fairdiffusion.data.formats import get_format, load_dataset
 from fairdiffusion.errors import DataVersionError
 
 
@@ -213,9 +215,7 @@ def read_data_version(dvc_file: str | Path, rev: str, data: DataConfig) -> DataS
     Raises:
         DataVersionError: if the revision, the pointer file or the data cannot be read.
     """
-    from dvc.api import DVCFileSystem
-
-    from fairdiffusion.data.formats import get_format, load_dataset
+    from dvc.api import DVCFileSystem  # imported here: DVC takes about a second to load; only this needs it
 
     dvc_file = Path(dvc_file).resolve()
     repo = _toplevel(dvc_file.parent)
@@ -325,8 +325,6 @@ def diff_data_versions(dvc_file: str | Path, rev_a: str, rev_b: str, data: DataC
     Raises:
         DataVersionError: if either revision's data cannot be read.
     """
-    from fairdiffusion.data.counts import count_groups
-
     before, after = read_data_version(dvc_file, rev_a, data), read_data_version(dvc_file, rev_b, data)
     a = before.samples.drop_duplicates("subject").set_index("subject")
     b = after.samples.drop_duplicates("subject").set_index("subject")

@@ -25,6 +25,7 @@ from torch import nn
 from fairdiffusion.config import ClinicalConfig
 from fairdiffusion.data.catalog import CLINICAL_LABELS
 from fairdiffusion.errors import ConfigError
+from fairdiffusion.evaluation.features import to_unit_batch
 from fairdiffusion.evaluation.results import ClinicalResult
 from fairdiffusion.evaluation.slices import SliceSettings, analyse_slices, define_slices
 
@@ -127,12 +128,9 @@ def encode_labels(samples: pd.DataFrame, classes: Mapping[str, Sequence[str]]) -
 
 def _prepare(images: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 N x H x W x 3 -> float N x 3 x res x res in [-1, 1], antialiased resize."""
-    # Contiguous first: the same pixels in another memory layout take other CPU kernels, whose
-    # rounding differs enough to swap near-tied scores (fresh generation vs the PNG cache).
-    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    if batch.shape[-2:] != (resolution, resolution):
-        batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
-    return batch.clamp(0, 1) * 2 - 1
+    # A numpy batch: to_unit_batch makes it contiguous first (see there), so the fresh
+    # generation and the PNG cache give the same scores.
+    return to_unit_batch(images, resolution) * 2 - 1
 
 
 def train_classifier(
@@ -253,7 +251,8 @@ class AucStatistic:
 
 
 def evaluate_clinical_semantics(
-    generated: np.ndarray,
+    train_generated: np.ndarray,
+    train_samples: pd.DataFrame,
     real: np.ndarray,
     test_samples: pd.DataFrame,
     attributes: Mapping[str, Sequence[str]],
@@ -261,12 +260,17 @@ def evaluate_clinical_semantics(
     settings: SliceSettings,
     device: str = "cpu",
 ) -> ClinicalResult | None:
-    """Train on generated images with their prompts' labels, test on the real test images.
+    """Train on images generated from the training prompts, with those prompts' labels; test on the real test images.
+
+    The paper's protocol (Sec. 4.3, and the authors' evaluation script): the classifier
+    never sees the test set's prompts, so the test split's label and group mix cannot leak
+    into its training.
 
     Args:
-        generated: Images generated from the test prompts (uint8 N x H x W x 3).
-        real: The real test images, row-aligned with ``generated``.
-        test_samples: The test rows (labels and protected attributes), row-aligned.
+        train_generated: Images generated from the training rows' prompts (uint8 N x H x W x 3).
+        train_samples: The training rows (their prompts' labels), row-aligned with ``train_generated``.
+        real: The real test images (uint8 M x H x W x 3).
+        test_samples: The test rows (labels and protected attributes), row-aligned with ``real``.
         attributes: Protected attribute -> groups (AUC per group and ES-AUC per attribute).
         config: The classifier and its training.
         settings: Bootstrap and small-slice settings shared with the image metrics.
@@ -274,18 +278,19 @@ def evaluate_clinical_semantics(
 
     Returns:
         AUC per label overall and per group, with intervals and equity scaling; ``None``
-        when no labels are configured and the table has none of FairGenMed's.
+        when no labels are configured and the tables have none of FairGenMed's.
     """
     started = time.perf_counter()
-    rows = test_samples.reset_index(drop=True)
+    train_rows, rows = train_samples.reset_index(drop=True), test_samples.reset_index(drop=True)
     labels = config.labels
     if labels is None:
         labels = [label for label in CLINICAL_LABELS if label in rows and rows[label].notna().any()]
+        labels = [label for label in labels if label in train_rows and train_rows[label].notna().any()]
         if not labels:
             return None
-    classes = label_classes(rows, labels)
+    classes = label_classes(pd.concat([train_rows, rows], ignore_index=True), labels)
+    model, final_loss = train_classifier(train_generated, encode_labels(train_rows, classes), classes, config, device)
     targets = encode_labels(rows, classes)
-    model, final_loss = train_classifier(generated, targets, classes, config, device)
     probabilities = predict_probabilities(model, real, config.resolution, device)
     statistic = AucStatistic(targets, probabilities)
     slices = define_slices(rows[list(attributes)], attributes, intersections=False)
@@ -296,7 +301,7 @@ def evaluate_clinical_semantics(
         classifier=config.classifier,
         classes=classes,
         analysis=analysis,
-        train_images=len(generated),
+        train_images=len(train_generated),
         test_images=len(real),
         epochs=config.epochs,
         final_loss=final_loss,

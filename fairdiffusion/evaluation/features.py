@@ -4,6 +4,9 @@
   TorchScript form that clean-fid and StyleGAN3's metrics use), loaded only from a
   local file: ``evaluation.extractor.weights`` or the usual caches. If it is absent the
   run stops and says where it looked; it is never replaced by something else.
+- ``domain``: the fundus encoder trained with the base model on its pretraining set only
+  (:mod:`fairdiffusion.models.extractor`), loaded from the base bundle; its metrics are
+  named ``fid_fundus-enc64`` so they are never read as Inception FIDs.
 - ``randcnn``: a fixed, seeded, randomly initialised conv net that needs no weights.
   Random-feature FID tracks distribution shift but is on another scale than
   Inception FID, so every metric it produces carries its name (``fid_randcnn32``).
@@ -19,12 +22,14 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fairdiffusion.config import ExtractorConfig
 from fairdiffusion.errors import ConfigError
+from fairdiffusion.models.extractor import DomainExtractor
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 
@@ -137,6 +142,8 @@ def build_extractor(config: ExtractorConfig) -> FeatureExtractor:
     """
     if config.name == "randcnn":
         return RandomConvExtractor(dim=config.dim)
+    if config.name == "domain":
+        return DomainExtractor(config.weights or Path("base-model"))
     candidates = inception_weight_candidates(config.weights)
     for path in candidates:
         if path.is_file():
@@ -149,18 +156,32 @@ def build_extractor(config: ExtractorConfig) -> FeatureExtractor:
     )
 
 
+def to_unit_batch(images: torch.Tensor | np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 images (N x H x W x 3) -> float N x 3 x res x res in [0, 1], bilinear antialiased resize.
+
+    The one resize that every image fed to a network in evaluation goes through: FID
+    features here and the clinical classifier (:mod:`fairdiffusion.evaluation.clinical`).
+    """
+    if isinstance(images, np.ndarray):
+        # Contiguous first: the same pixels in another memory layout take other CPU kernels, whose
+        # rounding differs enough to swap near-tied scores (fresh generation vs the PNG cache).
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    batch = images.permute(0, 3, 1, 2).float() / 255.0
+    if batch.shape[-2:] != (resolution, resolution):
+        batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
+    return batch.clamp(0, 1)
+
+
 def extract_features(
     extractor: FeatureExtractor, images: torch.Tensor, resolution: int, batch_size: int = 64
 ) -> torch.Tensor:
     """Features of uint8 images (N x H x W x 3), resized with one antialiased protocol.
 
     Real and generated images go through exactly this function, so both see the same
-    resize (bilinear, antialiased) before the network.
+    resize (:func:`to_unit_batch`) before the network.
     """
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].permute(0, 3, 1, 2).float() / 255.0
-        if batch.shape[-2:] != (resolution, resolution):
-            batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
-        chunks.append(extractor(batch.clamp(0, 1)))
+    chunks = [
+        extractor(to_unit_batch(images[start : start + batch_size], resolution))
+        for start in range(0, len(images), batch_size)
+    ]
     return torch.cat(chunks) if chunks else torch.empty(0, extractor.dim, dtype=torch.float64)

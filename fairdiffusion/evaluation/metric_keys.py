@@ -108,3 +108,19 @@ def flatten_metrics(
         flat[f"{names['gap']}/{attribute}"] = float(scaled["max_gap"])
         flat[f"{names['disparity']}/{attribute}"] = float(scaled["disparity"])
     return flat
+
+
+def reference_keys(extractor: str) -> dict[str, str]:
+    """Keys of the references the gate compares a candidate with (one extractor's FIDs, overall).
+
+    ``floor``: real-vs-real FID between two disjoint halves of the test images;
+    ``half``: the candidate's FID at the same halves (real half A vs generated half B);
+    ``over_floor``: ``half / floor``, a scale-free quality (1 = as good as real data);
+    ``base``: the FID of the model the candidate was fine-tuned from, on the same prompts.
+    """
+    return {
+        "floor": f"floor_fid_{extractor}/{OVERALL}",
+        "half": f"fid_half_{extractor}/{OVERALL}",
+        "over_floor": f"fid_over_floor_{extractor}/{OVERALL}",
+        "base": f"ref_base_fid_{extractor}/{OVERALL}",
+    }

@@ -20,17 +20,14 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from fairdiffusion.config import EvaluationConfig
+from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
-
-if TYPE_CHECKING:
-    from fairdiffusion.evaluation.results import EvaluationReport
 
 METRIC_TITLES = {"fid": "FID", "kid": "KID", "is": "IS"}
 METRIC_DIRECTION = {"fid": "lower is better", "kid": "lower is better", "is": "higher is better"}

@@ -43,6 +43,7 @@ class EvaluationReport:
     ``slices``, ``equity`` and ``metrics`` keep the shapes the gate reads: ``slices`` is
     ``{slice: {metric: value, "num_samples": n}}``, ``equity`` the FID equity per
     attribute, ``metrics`` every flat key (see :mod:`fairdiffusion.evaluation.slices`).
+    :func:`fairdiffusion.evaluation.report.render_markdown` renders it.
     """
 
     extractor: str
@@ -71,12 +72,6 @@ class EvaluationReport:
             raw["clinical"] = ClinicalResult.from_dict(raw["clinical"])
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
-
-    def to_markdown(self) -> str:
-        """The Markdown summary: every metric per slice with intervals, equity, definitions."""
-        from fairdiffusion.evaluation.report import render_markdown
-
-        return render_markdown(self)
 
 
 @dataclass(frozen=True)

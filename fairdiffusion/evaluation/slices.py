@@ -312,19 +312,10 @@ def analyse_slices(
         The analysis.
     """
     rng = np.random.default_rng(settings.seed)
-    level, resamples, method = settings.confidence_level, settings.resamples, settings.ci_method
     table = _point_estimates(statistic, metric_names, slices)
     small = [name for name, rows in slices.items() if len(rows) < settings.min_slice_size]
-
-    intervals: dict[str, dict[str, list[float]]] = {}
-    resampled: dict[str, np.ndarray] = {}
-    replicates: dict[str, dict[str, np.ndarray]] = {}
-    if resamples > 0:
-        for name, rows in slices.items():
-            resampled[name] = _resample(rng, rows, resamples)
-            replicates[name] = statistic(resampled[name])
-            intervals[name] = {m: _interval(replicates[name][m], level, table[name][m], method) for m in metric_names}
-
+    # One generator feeds every resample in a fixed order: slices, then attributes, then matched sizes.
+    resampled, replicates, intervals = _slice_intervals(statistic, metric_names, slices, table, settings, rng)
     equity: dict[str, dict[str, dict[str, float | str]]] = {m: {} for m in metric_names}
     equity_intervals: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in metric_names}
     for attribute, names in attributes.items():
@@ -335,18 +326,15 @@ def analyse_slices(
                 {g: table[k][metric] for g, k in zip(names, keys, strict=True)},
                 higher_is_better[metric],
             )
-        if resamples > 0:
-            # A stratified replicate's overall value is measured on the union of that
-            # replicate's group resamples (plus subjects in no listed group, resampled too).
-            listed = np.concatenate([slices[k] for k in keys])
-            rest = np.setdiff1d(slices[OVERALL], listed)
-            union = np.concatenate([resampled[k] for k in keys] + [_resample(rng, rest, resamples)], axis=1)
-            overall = statistic(union)
-            for metric in metric_names:
-                stats = _equity_arrays(overall[metric], [replicates[k][metric] for k in keys], higher_is_better[metric])
+        if settings.resamples > 0:
+            stratified = _stratified_replicates(
+                statistic, metric_names, higher_is_better, slices, keys, resampled, replicates, settings, rng
+            )
+            for metric, stats in stratified.items():
                 point = equity[metric][attribute]
                 equity_intervals[metric][attribute] = {
-                    s: _interval(v, level, float(point[s]), method) for s, v in stats.items()
+                    s: _interval(v, settings.confidence_level, float(point[s]), settings.ci_method)
+                    for s, v in stats.items()
                 }
 
     matched_values: dict[str, MatchedEquity] = {}
@@ -365,6 +353,54 @@ def analyse_slices(
         matched=matched_values,
         small_slices=small,
     )
+
+
+def _slice_intervals(
+    statistic: Statistic,
+    metric_names: Sequence[str],
+    slices: Mapping[str, np.ndarray],
+    table: Mapping[str, Mapping[str, float]],
+    settings: SliceSettings,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], dict[str, dict[str, list[float]]]]:
+    """Each slice resampled on its own: the resamples, their metrics, and every metric's interval."""
+    resampled: dict[str, np.ndarray] = {}
+    replicates: dict[str, dict[str, np.ndarray]] = {}
+    intervals: dict[str, dict[str, list[float]]] = {}
+    if settings.resamples <= 0:
+        return resampled, replicates, intervals
+    level, method = settings.confidence_level, settings.ci_method
+    for name, rows in slices.items():
+        resampled[name] = _resample(rng, rows, settings.resamples)
+        replicates[name] = statistic(resampled[name])
+        intervals[name] = {m: _interval(replicates[name][m], level, table[name][m], method) for m in metric_names}
+    return resampled, replicates, intervals
+
+
+def _stratified_replicates(
+    statistic: Statistic,
+    metric_names: Sequence[str],
+    higher_is_better: Mapping[str, bool],
+    slices: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    resampled: Mapping[str, np.ndarray],
+    replicates: Mapping[str, Mapping[str, np.ndarray]],
+    settings: SliceSettings,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Replicates of one attribute's ES, D, D/M and gap: metric -> {stat: values}.
+
+    A stratified replicate's overall value is measured on the union of that replicate's
+    group resamples (plus subjects in no listed group, resampled too).
+    """
+    listed = np.concatenate([slices[k] for k in keys])
+    rest = np.setdiff1d(slices[OVERALL], listed)
+    union = np.concatenate([resampled[k] for k in keys] + [_resample(rng, rest, settings.resamples)], axis=1)
+    overall = statistic(union)
+    return {
+        metric: _equity_arrays(overall[metric], [replicates[k][metric] for k in keys], higher_is_better[metric])
+        for metric in metric_names
+    }
 
 
 def _matched(

@@ -22,8 +22,9 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from fairdiffusion.config import ModelConfig
 from fairdiffusion.errors import ConfigError
-from fairdiffusion.models.presets import SD_PRESETS, build_preset_components
+from fairdiffusion.models.presets import SD_PRESETS, ModelComponents, build_preset_components
 from fairdiffusion.models.tiny import build_tiny_pipeline
 
 
@@ -71,7 +72,7 @@ def load_pipeline(source: str, allow_download: bool = False) -> StableDiffusionP
 
 def load_training_components(
     source: str, allow_download: bool = False, seed: int = 0, device: torch.device | str | None = None
-) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+) -> ModelComponents:
     """Load the pieces fine-tuning needs, as diffusers' ``train_text_to_image.py`` does.
 
     ``source`` is a folder or hub id, or a full-size preset name (``sd-1.5``, ``sd-2.1``),
@@ -85,7 +86,7 @@ def load_training_components(
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+    return ModelComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
 def assemble_pipeline(
@@ -106,3 +107,14 @@ def assemble_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def reference_model(model: ModelConfig) -> str | None:
+    """The pretrained pipeline a candidate is compared with (the gate's reference rule).
+
+    A local folder or, with downloads allowed, a hub id; ``None`` for the random-weight
+    presets, which are no reference a fine-tune should be measured against.
+    """
+    if model.pretrained in SD_PRESETS:
+        return None
+    return resolve_pretrained(model.pretrained, model.tiny_dir, model.allow_download)

@@ -5,7 +5,7 @@ They let throughput be measured without a download.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import (
@@ -15,8 +15,25 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fairdiffusion.models.tiny import _tokenizer_vocabulary
+from fairdiffusion.models.tiny import tokenizer_vocabulary
 
+
+class ModelComponents(NamedTuple):
+    """The pieces fine-tuning needs, in the order diffusers' ``train_text_to_image.py`` loads them.
+
+    A tuple, so ``tokenizer, text_encoder, vae, unet, noise_scheduler = components`` works.
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+#: Full-size architecture presets (random weights, built in memory): diffusers' and
+#: transformers' configs of the published checkpoints ``runwayml/stable-diffusion-v1-5``
+#: and ``stabilityai/stable-diffusion-2-1``.
 SD_PRESETS: dict[str, dict[str, Any]] = {
     "sd-1.5": {
         "unet": {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
@@ -55,9 +72,7 @@ SD_PRESETS: dict[str, dict[str, Any]] = {
 PRESETS = ("tiny", *SD_PRESETS)
 
 
-def build_preset_components(
-    name: str, seed: int = 0, device: torch.device | str | None = None
-) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+def build_preset_components(name: str, seed: int = 0, device: torch.device | str | None = None) -> ModelComponents:
     """The training components of a full-size preset, with random weights.
 
     Args:
@@ -107,7 +122,7 @@ def build_preset_components(
                 **preset["text"],
             )
         )
-    vocab, merges = _tokenizer_vocabulary()
+    vocab, merges = tokenizer_vocabulary()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     scheduler = DDPMScheduler(
         beta_start=0.00085,
@@ -118,4 +133,4 @@ def build_preset_components(
         num_train_timesteps=1000,
         prediction_type=preset["prediction_type"],
     )
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return ModelComponents(tokenizer, text_encoder, vae, unet, scheduler)

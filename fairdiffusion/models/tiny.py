@@ -27,7 +27,7 @@ _BASE_WORDS = (
 )
 
 
-def _tokenizer_vocabulary(
+def tokenizer_vocabulary(
     extra_words: Iterable[str] = (),
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary whose merges spell out each prompt word."""
@@ -87,7 +87,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
             norm_num_groups=32,
             sample_size=32,
         )
-        vocab, merges = _tokenizer_vocabulary()
+        vocab, merges = tokenizer_vocabulary()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(vocab),
@@ -127,8 +127,3 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     pipeline.save_pretrained(out, safe_serialization=True)
     (out / "fairdiffusion_preset.json").write_text(json.dumps({"preset": "tiny", "seed": seed}))
     return out
-
-
-#: Full-size architecture presets (random weights, built in memory): diffusers' and
-#: transformers' configs of the published checkpoints ``runwayml/stable-diffusion-v1-5``
-#: and ``stabilityai/stable-diffusion-2-1``.

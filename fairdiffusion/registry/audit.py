@@ -1,8 +1,9 @@
-"""A self-contained HTML page for an auditor: one model version, its lineage and its history.
+"""What an auditor reads about one model version: its :class:`Lineage`, and a self-contained HTML page.
 
-Everything on the page is read from MLflow by the caller (lineage, decision history,
-validation artifact, run metrics); this module only renders. No external CSS, scripts
-or images, so the file can be archived and opened anywhere.
+Everything on the page is read from MLflow by the caller
+(:func:`fairdiffusion.registry.promotion.read_lineage`, the decision history, the
+validation artifact, the run metrics); this module only holds and renders it. No
+external CSS, scripts or images, so the file can be archived and opened anywhere.
 """
 
 from __future__ import annotations
@@ -10,7 +11,117 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fairdiffusion.registry import schema
+
+if TYPE_CHECKING:
+    from fairdiffusion.registry.promotion import DecisionRecord
+
+
+@dataclass(frozen=True)
+class DataLineage:
+    """The data version a run trained on."""
+
+    dvc_md5: str | None
+    #: The git commit that last changed the ``.dvc`` file.
+    data_dvc_commit: str | None
+    path: str | None
+
+
+@dataclass(frozen=True)
+class CodeLineage:
+    """The code version a run ran."""
+
+    git_commit: str | None
+    #: Whether the checkout had uncommitted changes (``None`` if unrecorded).
+    dirty: Any
+
+
+@dataclass(frozen=True)
+class ValidationLineage:
+    """The data validation's verdict on the run."""
+
+    success: Any
+    failed_expectations: Any = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainingLineage:
+    """How the model was trained: the method and the resolved config."""
+
+    method: str | None
+    config: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class MetricsLineage:
+    """The run's metrics, grouped as an auditor reads them."""
+
+    overall: dict[str, float]
+    per_subgroup: dict[str, float]
+    equity: dict[str, float]
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> MetricsLineage:
+        """Group flat metric keys: ``*/overall``, per-subgroup FIDs and sizes, ES-FIDs."""
+        return cls(
+            overall={k: v for k, v in metrics.items() if k.endswith("/overall")},
+            per_subgroup={
+                k: v
+                for k, v in metrics.items()
+                if (k.startswith("fid_") or k.startswith("num_samples/")) and not k.endswith("/overall")
+            },
+            equity={k: v for k, v in metrics.items() if k.startswith("es_fid_")},
+        )
+
+
+@dataclass(frozen=True)
+class GateLineage:
+    """The fairness gate's verdict on the version, as the registry recorded it."""
+
+    passed: Any
+    reasons: Any
+    policy: Any
+    policy_file: str | None
+    policy_hash: str | None
+    compared_with_version: str | None
+    #: Every :class:`~fairdiffusion.registry.gate.RuleCheck`, as recorded in JSON.
+    checks: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A model version's whole story, reconstructed from MLflow alone."""
+
+    model: str
+    version: str
+    aliases: list[str]
+    run_id: str
+    data: DataLineage
+    code: CodeLineage
+    validation: ValidationLineage
+    training: TrainingLineage
+    metrics: MetricsLineage
+    gate: GateLineage
+    #: The version's ``fd.status`` (champion, awaiting-approval, rejected).
+    status: str | None
+    #: Every decision on this version, oldest first.
+    decisions: list[DecisionRecord]
+    created_at: str
+    #: The DVC version of the pretrained model that was fine-tuned (``None``s for a preset or hub id).
+    base_model: DataLineage = field(default_factory=lambda: DataLineage(None, None, None))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (what ``fairdiffusion audit --json`` prints)."""
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        # Dict-style reads (lineage["gate"]["passed"]) keep callers written against the
+        # dict read_lineage used to return working; new code reads the attributes.
+        return self.to_dict()[key]
+
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#1b1b1b;max-width:1100px}
@@ -52,8 +163,8 @@ def _fmt(value: object) -> str:
 
 
 def render_audit_page(
-    lineage: Mapping[str, Any],
-    history: Sequence[Any],
+    lineage: Lineage,
+    history: Sequence[DecisionRecord],
     validation: Mapping[str, Any] | None,
     metrics: Mapping[str, float],
 ) -> str:
@@ -68,46 +179,61 @@ def render_audit_page(
     Returns:
         A complete HTML document.
     """
-    version = str(lineage["version"])
-    gate = lineage.get("gate", {})
+    title = f"Audit: {_e(lineage.model)} v{_e(lineage.version)}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Audit: {_e(lineage['model'])} v{_e(version)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>Audit of {_e(lineage['model'])} version {_e(version)}</h1>",
-        f"<p>Aliases: <b>{_e(', '.join(lineage.get('aliases', [])) or 'none')}</b> · status "
-        f"<b>{_e(lineage.get('status'))}</b> · gate {_verdict(gate.get('passed'))} · created "
-        f"{_e(lineage.get('created_at'))} · MLflow run <code>{_e(lineage.get('run_id'))}</code></p>",
-        "<h2>Lineage</h2>",
-        _table(
-            ["fact", "value"],
-            [
-                ["data: DVC md5", lineage["data"].get("dvc_md5")],
-                ["data: commit that last changed data.dvc", lineage["data"].get("data_dvc_commit")],
-                ["data: path", lineage["data"].get("path")],
-                ["code: git commit", lineage["code"].get("git_commit")],
-                ["code: uncommitted changes", lineage["code"].get("dirty")],
-                ["training: method", lineage["training"].get("method")],
-                ["gate policy", f"{gate.get('policy_file')} (sha256 {gate.get('policy_hash')})"],
-                ["compared with champion", gate.get("compared_with_version") or "none (first model)"],
-            ],
-        ),
-        "<h2>Validation</h2>",
+        f"<title>{title}</title><style>{_STYLE}</style></head><body>",
+        *_summary_section(lineage),
+        *_validation_section(validation),
+        *_metrics_section(metrics),
+        *_gate_section(lineage.gate),
+        *_history_section(history, lineage.version),
+        "</body></html>",
     ]
-    if validation:
-        parts.append(
-            f"<p>{_verdict(validation.get('success'))} {validation.get('evaluated_expectations')} expectations "
-            f"on {validation.get('n_subjects')} subjects.</p>"
-        )
-        failed = validation.get("failed_expectations") or []
-        if failed:
-            parts.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in failed) + "</ul>")
-        counts = validation.get("group_counts") or {}
-        groups = sorted({g for split in counts.values() for g in split})
-        parts.append(_table(["group", *counts], [[g, *[counts[s].get(g) for s in counts]] for g in groups]))
-    else:
-        parts.append("<p class='fail'>No validation record on this run.</p>")
+    return "\n".join(parts)
 
-    parts.append("<h2>Metrics per subgroup</h2>")
+
+def _summary_section(lineage: Lineage) -> list[str]:
+    gate = lineage.gate
+    facts = [
+        ["data: DVC md5", lineage.data.dvc_md5],
+        ["base model: DVC md5", lineage.base_model.dvc_md5],
+        ["data: commit that last changed data.dvc", lineage.data.data_dvc_commit],
+        ["data: path", lineage.data.path],
+        ["code: git commit", lineage.code.git_commit],
+        ["code: uncommitted changes", lineage.code.dirty],
+        ["training: method", lineage.training.method],
+        ["gate policy", f"{gate.policy_file} (sha256 {gate.policy_hash})"],
+        ["compared with champion", gate.compared_with_version or "none (first model)"],
+    ]
+    return [
+        f"<h1>Audit of {_e(lineage.model)} version {_e(lineage.version)}</h1>",
+        f"<p>Aliases: <b>{_e(', '.join(lineage.aliases) or 'none')}</b> · status "
+        f"<b>{_e(lineage.status)}</b> · gate {_verdict(gate.passed)} · created "
+        f"{_e(lineage.created_at)} · MLflow run <code>{_e(lineage.run_id)}</code></p>",
+        "<h2>Lineage</h2>",
+        _table(["fact", "value"], facts),
+    ]
+
+
+def _validation_section(validation: Mapping[str, Any] | None) -> list[str]:
+    parts = ["<h2>Validation</h2>"]
+    if not validation:
+        return [*parts, "<p class='fail'>No validation record on this run.</p>"]
+    parts.append(
+        f"<p>{_verdict(validation.get('success'))} {validation.get('evaluated_expectations')} expectations "
+        f"on {validation.get('n_subjects')} subjects.</p>"
+    )
+    failed = validation.get("failed_expectations") or []
+    if failed:
+        parts.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in failed) + "</ul>")
+    counts = validation.get("group_counts") or {}
+    groups = sorted({g for split in counts.values() for g in split})
+    parts.append(_table(["group", *counts], [[g, *[counts[s].get(g) for s in counts]] for g in groups]))
+    return parts
+
+
+def _metrics_section(metrics: Mapping[str, float]) -> list[str]:
     slice_keys = sorted(
         k for k in metrics if not k.startswith(("ci_low/", "ci_high/", "train/", "fbp/", "validation/"))
     )
@@ -116,65 +242,47 @@ def render_audit_page(
         low, high = metrics.get(f"ci_low/{key}"), metrics.get(f"ci_high/{key}")
         interval = f"[{low:.4g}, {high:.4g}]" if low is not None and high is not None else "—"
         rows.append([key, _fmt(metrics[key]), interval])
-    parts.append(_table(["metric", "value", "bootstrap interval"], rows))
+    return ["<h2>Metrics per subgroup</h2>", _table(["metric", "value", "bootstrap interval"], rows)]
 
-    parts.append("<h2>Fairness gate</h2>")
-    if gate.get("reasons"):
-        parts.append("<ul>" + "".join(f"<li class='fail'>{_e(r)}</li>" for r in gate["reasons"]) + "</ul>")
-    checks = gate.get("checks") or []
-    parts.append(
-        _table(
-            ["rule", "metric", "value", "threshold", "verdict", "detail"],
-            [
-                [
-                    c.get("rule"),
-                    c.get("metric"),
-                    _fmt(c.get("value")),
-                    _fmt(c.get("threshold")),
-                    _verdict(c.get("passed")),
-                    c.get("detail"),
-                ]
-                for c in checks
-            ],
-        )
-    )
-    parts.append(
-        f"<details><summary>Policy</summary><pre>{_e(json.dumps(gate.get('policy'), indent=2))}</pre></details>"
-    )
 
-    parts.append("<h2>Promotion history of the model</h2>")
-    history_rows, classes = [], []
+def _gate_section(gate: GateLineage) -> list[str]:
+    parts = ["<h2>Fairness gate</h2>"]
+    if gate.reasons:
+        parts.append("<ul>" + "".join(f"<li class='fail'>{_e(r)}</li>" for r in gate.reasons) + "</ul>")
+    rows = [
+        [
+            c.get("rule"),
+            c.get("metric"),
+            _fmt(c.get("value")),
+            _fmt(c.get("threshold")),
+            _verdict(c.get("passed")),
+            c.get("detail"),
+        ]
+        for c in gate.checks or []
+    ]
+    parts.append(_table(["rule", "metric", "value", "threshold", "verdict", "detail"], rows))
+    policy = _e(json.dumps(gate.policy, indent=2))
+    parts.append(f"<details><summary>Policy</summary><pre>{policy}</pre></details>")
+    return parts
+
+
+def _history_section(history: Sequence[DecisionRecord], version: str) -> list[str]:
+    rows, classes = [], []
     for record in history:
-        r = record.to_dict() if hasattr(record, "to_dict") else dict(record)
-        label = "OVERRIDE" if r["decision"] == "override" else r["decision"]
-        history_rows.append(
+        override = record.decision == schema.DECISION_OVERRIDE
+        rows.append(
             [
-                r["at"],
-                r["version"],
-                label,
-                r["actor"],
-                "; ".join(r["reasons"]),
-                r["data_md5"],
-                (r["policy_hash"] or "")[:12],
-                f"{r['champion_before'] or '—'} → {r['champion_after'] or '—'}",
+                record.at,
+                record.version,
+                "OVERRIDE" if override else record.decision,
+                record.actor,
+                "; ".join(record.reasons),
+                record.data_md5,
+                (record.policy_hash or "")[:12],
+                f"{record.champion_before or '—'} → {record.champion_after or '—'}",
             ]
         )
-        classes.append(
-            " ".join(
-                c
-                for c in (
-                    "override" if r["decision"] == "override" else "",
-                    "this" if str(r["version"]) == version else "",
-                )
-                if c
-            )
-        )
-    parts.append(
-        _table(
-            ["when (UTC)", "version", "decision", "who", "reasons", "data md5", "policy", "champion"],
-            history_rows,
-            classes,
-        )
-    )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        marks = ("override" if override else "", "this" if str(record.version) == version else "")
+        classes.append(" ".join(c for c in marks if c))
+    headers = ["when (UTC)", "version", "decision", "who", "reasons", "data md5", "policy", "champion"]
+    return ["<h2>Promotion history of the model</h2>", _table(headers, rows, classes)]

@@ -2,7 +2,12 @@
 
 It fails closed. A required metric that is missing, NaN or infinite is a violation, a
 champion that cannot be compared with is a violation, and every violated rule is
-collected and reported at once, never only the first.
+collected and reported at once, never only the first. Each rule family (the data
+version, references that a model which learnt nothing cannot beat, slice sizes, equity
+ceilings in FID units and scale-free, ES-AUC floors, non-regression against the champion)
+is a function returning its checks; :func:`decide_promotion` runs them all.
+Whether a passing candidate also waits for a human approval is not the gate's call but
+the pipeline's (``gate.require_approval``, applied in :mod:`fairdiffusion.registry.lineage`).
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from fairdiffusion.evaluation.metric_keys import fid_metric_names
+from fairdiffusion.evaluation.metric_keys import fid_metric_names, metric_key_stems, reference_keys
 from fairdiffusion.evaluation.slices import OVERALL
-from fairdiffusion.registry.policy import GatePolicy, threshold_for
+from fairdiffusion.registry.policy import AbsoluteRules, GatePolicy, NonRegressionRules, ReferenceRules, threshold_for
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,204 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _check(
+    candidate: Mapping[str, float], rule: str, metric: str, threshold: float | None, ok: bool, detail: str
+) -> RuleCheck:
+    return RuleCheck(rule, metric, candidate.get(metric), threshold, ok, detail)
+
+
+def _missing(candidate: Mapping[str, float], metric: str) -> list[RuleCheck]:
+    """A failed ``metric_present`` check if a required metric is missing, NaN or infinite, else nothing."""
+    value = candidate.get(metric)
+    if _finite(value):
+        return []
+    state = "missing" if value is None else f"not finite ({value})"
+    return [_check(candidate, "metric_present", metric, None, False, f"required metric {metric} is {state}")]
+
+
+def _ceiling(candidate: Mapping[str, float], rule: str, metric: str, limit: float | None, what: str) -> list[RuleCheck]:
+    # A required metric is checked even when its rule is off: a NaN still fails closed.
+    missing = _missing(candidate, metric)
+    if missing or limit is None:
+        return missing
+    ok = candidate[metric] <= limit
+    return [
+        _check(candidate, rule, metric, limit, ok, f"{what} {candidate[metric]:.4g} {'<=' if ok else '>'} {limit:.4g}")
+    ]
+
+
+def check_data_version(candidate_data_md5: str | None, evaluated_data_md5: str | None) -> list[RuleCheck]:
+    """The evaluation must have used the data version the candidate was trained on."""
+    if candidate_data_md5 is None or evaluated_data_md5 == candidate_data_md5:
+        return []
+    detail = (
+        f"evaluation used data version {evaluated_data_md5 or '(unrecorded)'}, "
+        f"but the candidate's data version is {candidate_data_md5}"
+    )
+    return [RuleCheck("data_version", "", None, None, False, detail)]
+
+
+def check_slices(
+    candidate: Mapping[str, float], names: Mapping[str, str], attribute: str, groups: Sequence[str], min_size: int
+) -> list[RuleCheck]:
+    """Every group slice of an attribute has enough test images and a finite FID."""
+    checks: list[RuleCheck] = []
+    for group in groups:
+        size_key = f"{names['n']}/{attribute}/{group}"
+        size = candidate.get(size_key)
+        if size is None or not math.isfinite(size) or size < min_size:
+            shown = "no" if size is None else f"{size:g}"
+            detail = f"slice {attribute}={group} has {shown} test images, below the minimum {min_size}"
+            checks.append(_check(candidate, "min_slice_size", size_key, min_size, False, detail))
+        checks += _missing(candidate, f"{names['fid']}/{attribute}/{group}")
+    return checks
+
+
+def check_equity_ceilings(
+    candidate: Mapping[str, float], names: Mapping[str, str], attribute: str, rules: AbsoluteRules
+) -> list[RuleCheck]:
+    """An attribute's ES-FID and largest group FID gap stay under the policy's ceilings."""
+    return _ceiling(
+        candidate,
+        "max_es_fid",
+        f"{names['es_fid']}/{attribute}",
+        threshold_for(rules.max_es_fid, attribute),
+        f"ES-FID on {attribute}",
+    ) + _ceiling(
+        candidate,
+        "max_group_fid_gap",
+        f"{names['gap']}/{attribute}",
+        threshold_for(rules.max_group_fid_gap, attribute),
+        f"largest FID gap between {attribute} groups",
+    )
+
+
+def _ratio_ceiling(
+    candidate: Mapping[str, float], rule: str, keys: tuple[str, str], limit: float | None, what: str
+) -> list[RuleCheck]:
+    """``numerator / denominator <= limit``, both required (fails closed when either is missing)."""
+    if limit is None:
+        return []
+    numerator, denominator = keys
+    missing = _missing(candidate, numerator) + _missing(candidate, denominator)
+    if missing:
+        return missing
+    ratio = candidate[numerator] / candidate[denominator] if candidate[denominator] else math.inf
+    ok = ratio <= limit
+    detail = f"{what} {ratio:.4g} {'<=' if ok else '>'} {limit:.4g}"
+    return [RuleCheck(rule, f"{numerator} / {denominator}", ratio, limit, ok, detail)]
+
+
+def check_scale_free(
+    candidate: Mapping[str, float], extractor: str, attribute: str, rules: AbsoluteRules
+) -> list[RuleCheck]:
+    """An attribute's D / FID and matched-size gap / matched overall FID stay under the ceilings."""
+    stems = metric_key_stems("fid", extractor)
+    limit = threshold_for(rules.max_relative_disparity, attribute)
+    disparity = (
+        []
+        if limit is None
+        else _ceiling(
+            candidate,
+            "max_relative_disparity",
+            f"{stems['relative_disparity']}/{attribute}",
+            limit,
+            f"FID disparity over overall FID (D / FID) on {attribute}",
+        )
+    )
+    gap = _ratio_ceiling(
+        candidate,
+        "max_relative_gap",
+        (f"{stems['max_gap_matched']}/{attribute}", f"{stems['matched_overall']}/{attribute}"),
+        threshold_for(rules.max_relative_gap, attribute),
+        f"largest {attribute} group FID gap over overall FID (matched sizes)",
+    )
+    return disparity + gap
+
+
+def check_reference(candidate: Mapping[str, float], extractor: str, rules: ReferenceRules) -> list[RuleCheck]:
+    """The candidate beats its base model beyond the interval, and stays within the floor ratio."""
+    keys, overall = reference_keys(extractor), f"{fid_metric_names(extractor)['fid']}/{OVERALL}"
+    checks: list[RuleCheck] = []
+    if rules.beat_base_model:
+        base = candidate.get(keys["base"])
+        worse_end = candidate.get(f"ci_high/{overall}", candidate.get(overall))
+        if not _finite(base):
+            detail = f"the base model's FID ({keys['base']}) was not measured: cannot show the candidate beats it"
+            checks.append(_check(candidate, "beat_base_model", keys["base"], None, False, detail))
+        elif _finite(worse_end):
+            ok = worse_end < base
+            detail = f"overall FID interval high {worse_end:.4g} {'<' if ok else '>='} base model's FID {base:.4g}" + (
+                "" if ok else ": the fine-tune is not better than the model it started from"
+            )
+            checks.append(_check(candidate, "beat_base_model", overall, base, ok, detail))
+    if rules.max_fid_over_floor is not None:
+        limit = rules.max_fid_over_floor
+        checks += _ceiling(candidate, "max_fid_over_floor", keys["over_floor"], limit, "FID over real-vs-real floor")
+    return checks
+
+
+def check_es_auc(candidate: Mapping[str, float], attribute: str, floor: float | None) -> list[RuleCheck]:
+    """Every ES-AUC of an attribute meets the floor; with a floor set, at least one must exist."""
+    if floor is None:
+        return []
+    keys = sorted(k for k in candidate if k.startswith("es_auc_") and k.endswith(f"/{attribute}"))
+    if not keys:
+        return [
+            _check(candidate, "min_es_auc", f"es_auc_*/{attribute}", floor, False, f"no ES-AUC metric for {attribute}")
+        ]
+    checks: list[RuleCheck] = []
+    for key in keys:
+        missing = _missing(candidate, key)
+        if missing:
+            checks += missing
+            continue
+        ok = candidate[key] >= floor
+        checks.append(
+            _check(
+                candidate, "min_es_auc", key, floor, ok, f"{key} {candidate[key]:.4g} {'>=' if ok else '<'} {floor:.4g}"
+            )
+        )
+    return checks
+
+
+def check_non_regression(
+    candidate: Mapping[str, float],
+    champion: Mapping[str, float],
+    keys: Sequence[tuple[str, float | None]],
+    tolerances: NonRegressionRules,
+    champion_version: str | None,
+) -> list[RuleCheck]:
+    """Each (metric, relative tolerance) is at most that much worse than the champion's.
+
+    With ``use_intervals``, the candidate's bootstrap interval's better end is judged, so
+    a candidate fails only if it is worse with the evaluation's confidence. A champion
+    without the metric fails closed: the candidate cannot be shown to be no worse.
+    """
+    checks: list[RuleCheck] = []
+    for key, tolerance in keys:
+        if tolerance is None:
+            continue
+        reference = champion.get(key)
+        if reference is None or not _finite(reference):
+            detail = f"champion v{champion_version} has no finite {key}; cannot show the candidate is no worse"
+            checks.append(_check(candidate, "non_regression", key, None, False, detail))
+            continue
+        if not _finite(candidate.get(key)):
+            continue  # already reported as missing
+        limit = reference * (1 + tolerance)
+        value = candidate[key]
+        better_end = candidate.get(f"ci_low/{key}") if tolerances.use_intervals else None
+        judged = better_end if better_end is not None and _finite(better_end) else value
+        basis = f"interval low {judged:.4g}" if judged is not value else f"{value:.4g}"
+        detail = (
+            f"{key} {basis} vs champion v{champion_version} {reference:.4g} "
+            f"(tolerance {tolerance:.0%}, limit {limit:.4g})"
+        )
+        checks.append(_check(candidate, "non_regression", key, limit, judged <= limit, detail))
+    return checks
+
+
 def decide_promotion(
     candidate: Mapping[str, float],
     champion: Mapping[str, float] | None,
@@ -62,6 +265,9 @@ def decide_promotion(
     evaluated_data_md5: str | None = None,
 ) -> GateDecision:
     """Judge a candidate's metrics against the policy's absolute rules and the champion.
+
+    Every rule family runs and every violation is reported; the candidate passes only
+    if no check failed.
 
     Args:
         candidate: The candidate's flat metrics (``fid_<x>/overall``, ``es_fid_<x>/race``,
@@ -80,115 +286,28 @@ def decide_promotion(
     Returns:
         The decision; ``passed`` only if every check passed.
     """
-    names = fid_metric_names(extractor)
-    checks: list[RuleCheck] = []
-
-    def check(rule: str, metric: str, threshold: float | None, ok: bool, detail: str) -> None:
-        checks.append(RuleCheck(rule, metric, candidate.get(metric), threshold, ok, detail))
-
-    def require_finite(metric: str) -> bool:
-        value = candidate.get(metric)
-        if _finite(value):
-            return True
-        state = "missing" if value is None else f"not finite ({value})"
-        check("metric_present", metric, None, False, f"required metric {metric} is {state}")
-        return False
-
-    def ceiling(rule: str, metric: str, limit: float | None, what: str) -> None:
-        if require_finite(metric) and limit is not None:
-            ok = candidate[metric] <= limit
-            check(rule, metric, limit, ok, f"{what} {candidate[metric]:.4g} {'<=' if ok else '>'} {limit:.4g}")
-
     if policy is None:
         reason = f"gate policy cannot be used: {policy_error or 'no policy'}"
-        checks.append(RuleCheck("policy", "", None, None, False, reason))
+        checks = [RuleCheck("policy", "", None, None, False, reason)]
         return GateDecision(False, checks, {}, champion_version, [reason], policy_hash)
 
-    if candidate_data_md5 is not None and evaluated_data_md5 != candidate_data_md5:
-        checks.append(
-            RuleCheck(
-                "data_version",
-                "",
-                None,
-                None,
-                False,
-                f"evaluation used data version {evaluated_data_md5 or '(unrecorded)'}, "
-                f"but the candidate's data version is {candidate_data_md5}",
-            )
-        )
-
+    names = fid_metric_names(extractor)
     rules = policy.absolute
     overall_key = f"{names['fid']}/{OVERALL}"
-    require_finite(overall_key)
+    checks = check_data_version(candidate_data_md5, evaluated_data_md5)
+    checks += _missing(candidate, overall_key)
+    checks += check_reference(candidate, extractor, policy.reference)
+    # Attribute by attribute, so the reasons read in the order of the attributes.
     for attribute, groups in attributes.items():
-        for group in groups:
-            size_key = f"{names['n']}/{attribute}/{group}"
-            size = candidate.get(size_key)
-            if size is None or not math.isfinite(size) or size < rules.min_slice_size:
-                shown = "no" if size is None else f"{size:g}"
-                check(
-                    "min_slice_size",
-                    size_key,
-                    rules.min_slice_size,
-                    False,
-                    f"slice {attribute}={group} has {shown} test images, below the minimum {rules.min_slice_size}",
-                )
-            require_finite(f"{names['fid']}/{attribute}/{group}")
-        ceiling(
-            "max_es_fid",
-            f"{names['es_fid']}/{attribute}",
-            threshold_for(rules.max_es_fid, attribute),
-            f"ES-FID on {attribute}",
-        )
-        ceiling(
-            "max_group_fid_gap",
-            f"{names['gap']}/{attribute}",
-            threshold_for(rules.max_group_fid_gap, attribute),
-            f"largest FID gap between {attribute} groups",
-        )
-        floor = threshold_for(rules.min_es_auc, attribute)
-        if floor is not None:
-            auc_keys = sorted(k for k in candidate if k.startswith("es_auc_") and k.endswith(f"/{attribute}"))
-            if not auc_keys:
-                check("min_es_auc", f"es_auc_*/{attribute}", floor, False, f"no ES-AUC metric for {attribute}")
-            for key in auc_keys:
-                if require_finite(key):
-                    ok = candidate[key] >= floor
-                    check("min_es_auc", key, floor, ok, f"{key} {candidate[key]:.4g} {'>=' if ok else '<'} {floor:.4g}")
-
+        checks += check_slices(candidate, names, attribute, groups, rules.min_slice_size)
+        checks += check_equity_ceilings(candidate, names, attribute, rules)
+        checks += check_scale_free(candidate, extractor, attribute, rules)
+        checks += check_es_auc(candidate, attribute, threshold_for(rules.min_es_auc, attribute))
     if champion is not None:
         tolerances = policy.non_regression
         compared = [(overall_key, tolerances.fid_overall)]
         compared += [(f"{names['es_fid']}/{a}", tolerances.es_fid) for a in attributes]
-        for key, tolerance in compared:
-            if tolerance is None:
-                continue
-            reference = champion.get(key)
-            if reference is None or not _finite(reference):
-                check(
-                    "non_regression",
-                    key,
-                    None,
-                    False,
-                    f"champion v{champion_version} has no finite {key}; cannot show the candidate is no worse",
-                )
-                continue
-            if not _finite(candidate.get(key)):
-                continue  # already reported as missing
-            limit = reference * (1 + tolerance)
-            value = candidate[key]
-            better_end = candidate.get(f"ci_low/{key}") if tolerances.use_intervals else None
-            judged = better_end if better_end is not None and _finite(better_end) else value
-            ok = judged <= limit
-            basis = f"interval low {judged:.4g}" if judged is not value else f"{value:.4g}"
-            check(
-                "non_regression",
-                key,
-                limit,
-                ok,
-                f"{key} {basis} vs champion v{champion_version} {reference:.4g} "
-                f"(tolerance {tolerance:.0%}, limit {limit:.4g})",
-            )
+        checks += check_non_regression(candidate, champion, compared, tolerances, champion_version)
 
     reasons = [c.detail for c in checks if not c.passed]
     return GateDecision(

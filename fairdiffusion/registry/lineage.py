@@ -16,8 +16,9 @@ from fairdiffusion.config import PipelineConfig, config_to_dict
 from fairdiffusion.data.versioning import DataVersion, resolve_code_version
 from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.registry import promotion as registry
+from fairdiffusion.registry import schema
 from fairdiffusion.registry.gate import GateDecision, decide_promotion
-from fairdiffusion.registry.policy import PolicyError, load_policy
+from fairdiffusion.registry.policy import GatePolicy, PolicyError, load_policy
 from fairdiffusion.registry.skip import ChampionBaseline, SkipDecision, config_fingerprint
 from fairdiffusion.training.results import TrainingResult
 from fairdiffusion.validation.result import ValidationResult
@@ -56,32 +57,42 @@ def code_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def data_code_tags(data_version: DataVersion) -> dict[str, object]:
-    """The data and code version tags, set on the run and copied onto the model version."""
+def data_code_tags(data_version: DataVersion, base_version: DataVersion | None = None) -> dict[str, object]:
+    """The data, base-model and code version tags, set on the run and copied onto the model version."""
     code = resolve_code_version(code_root())
-    return {
-        "fd.data.dvc_md5": data_version.dvc_md5,
-        "fd.data.data_dvc_commit": data_version.data_dvc_commit or "",
-        "fd.data.path": data_version.path,
-        "fd.data.dvc_file": data_version.dvc_file,
-        "fd.code.git_commit": code.git_commit or "",
-        "fd.code.dirty": code.dirty,
+    tags: dict[str, object] = {
+        schema.DATA_MD5: data_version.dvc_md5,
+        schema.DATA_DVC_COMMIT: data_version.data_dvc_commit or "",
+        schema.DATA_PATH: data_version.path,
+        schema.DATA_DVC_FILE: data_version.dvc_file,
+        schema.CODE_GIT_COMMIT: code.git_commit or "",
+        schema.CODE_DIRTY: code.dirty,
     }
+    if base_version is not None:
+        tags |= {
+            schema.BASE_MD5: base_version.dvc_md5,
+            schema.BASE_DVC_COMMIT: base_version.data_dvc_commit or "",
+            schema.BASE_PATH: base_version.path,
+            schema.BASE_DVC_FILE: base_version.dvc_file,
+        }
+    return tags
 
 
-def open_pipeline_run(config: PipelineConfig, data_version: DataVersion) -> str:
+def open_pipeline_run(
+    config: PipelineConfig, data_version: DataVersion, base_version: DataVersion | None = None
+) -> str:
     """Start the run, with the data/code version and the resolved config (and its sha256) on it."""
-    tags = {k: v if isinstance(v, str) else json.dumps(v) for k, v in data_code_tags(data_version).items()}
-    tags["fd.config.sha256"] = config_fingerprint(config)
-    run_id = runs.start_run(
-        config.tracking, run_name=f"{config.training.method}-{data_version.dvc_md5[:8]}", tags=tags
-    )
+    tags = {
+        k: v if isinstance(v, str) else json.dumps(v) for k, v in data_code_tags(data_version, base_version).items()
+    }
+    tags[schema.CONFIG_SHA256] = config_fingerprint(config)
+    run_id = runs.start_run(config.tracking, run_name=f"{config.training.method}-{data_version.dvc_md5[:8]}", tags=tags)
     resolved = config_to_dict(config)
     # MLflow refuses '=' and '&' in param names; config keys such as race=Asian use them.
     params = {re.sub(r"[^\w\-. :/]", ":", key): value for key, value in _flatten("", resolved, {}).items()}
     runs.log_params(config.tracking, run_id, params)
-    runs.log_json(config.tracking, run_id, resolved, "lineage/config.json")
-    runs.log_json(config.tracking, run_id, data_version.to_dict(), "lineage/data_version.json")
+    runs.log_json(config.tracking, run_id, resolved, schema.CONFIG_ARTIFACT)
+    runs.log_json(config.tracking, run_id, data_version.to_dict(), schema.DATA_VERSION_ARTIFACT)
     return run_id
 
 
@@ -91,12 +102,12 @@ def read_champion_baseline(config: PipelineConfig) -> ChampionBaseline | None:
     if champion is None:
         return None
     tags = runs.run_tags(config.tracking, champion.run_id)
-    validation = runs.run_artifact_json(config.tracking, champion.run_id, "lineage/validation.json") or {}
+    validation = runs.run_artifact_json(config.tracking, champion.run_id, schema.VALIDATION_ARTIFACT) or {}
     return ChampionBaseline(
         version=champion.version,
         run_id=champion.run_id,
         data_md5=champion.data_md5,
-        config_sha256=tags.get("fd.config.sha256"),
+        config_sha256=tags.get(schema.CONFIG_SHA256),
         group_counts=validation.get("group_counts"),
     )
 
@@ -107,9 +118,10 @@ def record_skip_decision(config: PipelineConfig, run_id: str, decision: SkipDeci
     Returns:
         The outcome of a skipped run (status ``skipped``, nothing registered), else ``None``.
     """
-    tags: dict[str, object] = {"fd.skipped": str(decision.skip).lower(), "fd.skip.reason": decision.reason}
+    tags: dict[str, object] = {schema.SKIPPED: str(decision.skip).lower(), schema.SKIP_REASON: decision.reason}
     if decision.skip:
-        tags["mlflow.runName"] = f"skipped-{runs.run_tags(config.tracking, run_id).get('fd.data.dvc_md5', '')[:8]}"
+        data_md5 = runs.run_tags(config.tracking, run_id).get(schema.DATA_MD5, "")
+        tags["mlflow.runName"] = f"skipped-{data_md5[:8]}"
     runs.set_run_tags(config.tracking, run_id, tags)
     if not decision.skip:
         return None
@@ -119,7 +131,7 @@ def record_skip_decision(config: PipelineConfig, run_id: str, decision: SkipDeci
         version=decision.champion_version or "",
         promoted=False,
         passed=False,
-        status="skipped",
+        status=schema.STATUS_SKIPPED,
         reasons=[decision.reason],
         compared_with_version=decision.champion_version,
         run_id=run_id,
@@ -135,24 +147,24 @@ def record_validation(config: PipelineConfig, run_id: str, result: ValidationRes
         config.tracking,
         run_id,
         {
-            "fd.validation.success": str(result.success).lower(),
-            "fd.validation.failed_expectations": result.failed_expectations,
-            "fd.validation.format": result.format,
-            "fd.validation.excluded": result.excluded,
+            schema.VALIDATION_SUCCESS: str(result.success).lower(),
+            schema.VALIDATION_FAILED_EXPECTATIONS: result.failed_expectations,
+            schema.VALIDATION_FORMAT: result.format,
+            schema.VALIDATION_EXCLUDED: result.excluded,
             # Which model versions' images are trained on: the self-consuming loop, visible.
-            "fd.validation.synthetic": {
+            schema.VALIDATION_SYNTHETIC: {
                 "train_fraction": synthetic.get("train_fraction", 0.0),
                 "by_model": synthetic.get("by_model", {}),
             },
-            "fd.validation.reference": result.reference or "",
-            "fd.validation.acknowledged_shifts": {
+            schema.VALIDATION_REFERENCE: result.reference or "",
+            schema.VALIDATION_ACKNOWLEDGED_SHIFTS: {
                 s.slice: s.acknowledged for s in result.share_shifts if s.acknowledged
             },
         },
     )
-    runs.log_json(config.tracking, run_id, result.to_dict(), "lineage/validation.json")
+    runs.log_json(config.tracking, run_id, result.to_dict(), schema.VALIDATION_ARTIFACT)
     if result.data_docs and Path(result.data_docs).is_dir():
-        runs.log_artifacts(config.tracking, run_id, result.data_docs, "validation/data_docs")
+        runs.log_artifacts(config.tracking, run_id, result.data_docs, schema.DATA_DOCS_DIR)
     runs.log_metrics(
         config.tracking,
         run_id,
@@ -168,11 +180,11 @@ def record_validation(config: PipelineConfig, run_id: str, result: ValidationRes
 
 def record_training(config: PipelineConfig, run_id: str, result: TrainingResult) -> None:
     """Training summary and the FBP trajectory file."""
-    runs.set_run_tags(config.tracking, run_id, {"fd.training.method": result.method})
-    runs.log_json(config.tracking, run_id, result.to_dict(), "lineage/training.json")
+    runs.set_run_tags(config.tracking, run_id, {schema.TRAINING_METHOD: result.method})
+    runs.log_json(config.tracking, run_id, result.to_dict(), schema.TRAINING_ARTIFACT)
     trajectory = Path(config.training.output_dir) / "fbp_trajectory.json"
     if trajectory.is_file():  # only the trajectory: the folder also holds checkpoints
-        runs.log_artifact(config.tracking, run_id, trajectory, "training")
+        runs.log_artifact(config.tracking, run_id, trajectory, schema.TRAINING_DIR)
     runs.log_metrics(config.tracking, run_id, {"train/seconds": result.seconds}, step=result.steps)
 
 
@@ -183,20 +195,22 @@ def record_evaluation(config: PipelineConfig, run_id: str, report: EvaluationRep
     ``fairdiffusion report --version N`` renders a registered version's report from.
     """
     runs.log_metrics(config.tracking, run_id, report.metrics)
-    runs.log_json(config.tracking, run_id, report.to_dict(), "evaluation/evaluation.json")
+    runs.log_json(config.tracking, run_id, report.to_dict(), schema.EVALUATION_ARTIFACT)
     written = Path(config.evaluation.output_dir)
     markdown, page = written / "evaluation.md", written / "report.html"
-    runs.log_text(
-        config.tracking,
-        run_id,
-        markdown.read_text() if markdown.is_file() else report.to_markdown(),
-        "evaluation/report.md",
-    )
+    if markdown.is_file():
+        text = markdown.read_text()
+    else:
+        # Imported here: the report module loads matplotlib, which tasks that only read lineage never need.
+        from fairdiffusion.evaluation.report import render_markdown
+
+        text = render_markdown(report)
+    runs.log_text(config.tracking, run_id, text, schema.EVALUATION_MARKDOWN_ARTIFACT)
     if page.is_file():
-        runs.log_text(config.tracking, run_id, page.read_text(), "evaluation/report.html")
+        runs.log_text(config.tracking, run_id, page.read_text(), schema.EVALUATION_HTML_ARTIFACT)
     for folder in ("charts", "grids"):
         if (written / folder).is_dir():
-            runs.log_artifacts(config.tracking, run_id, written / folder, f"evaluation/{folder}")
+            runs.log_artifacts(config.tracking, run_id, written / folder, f"{schema.EVALUATION_DIR}/{folder}")
 
 
 def gate_and_register(
@@ -214,19 +228,18 @@ def gate_and_register(
     and the alias move nor leave ``champion`` on a version that failed.
     """
     tracking = config.tracking
-    policy, policy_hash, policy_error = None, None, None
-    try:
-        policy, policy_hash = load_policy(config.gate.policy)
-    except PolicyError as error:
-        policy_error = str(error)
-    if policy is not None:
-        runs.log_text(tracking, run_id, Path(config.gate.policy).read_text(), "lineage/gate_policy.yaml")
+    policy, policy_hash, policy_error = _load_gate_policy(config, run_id)
     run_tags = runs.run_tags(tracking, run_id)
-    candidate_md5 = run_tags.get("fd.data.dvc_md5")
-    evaluated_md5 = report.protocol.get("data_md5")
     model_uri, model_id = registry.log_model(tracking, run_id, training.model_dir)
-    who = registry.current_actor(actor)
-
+    candidate = registry.GatedCandidate(
+        run_id=run_id,
+        model_uri=model_uri,
+        model_id=model_id,
+        run_tags=run_tags,
+        training_method=training.method,
+        policy_file=str(config.gate.policy),
+        actor=registry.current_actor(actor),
+    )
     with registry.promotion_lock(tracking, holder=f"pipeline run {run_id}"):
         champion = registry.find_champion(tracking)
         decision: GateDecision = decide_promotion(
@@ -238,53 +251,36 @@ def gate_and_register(
             policy_hash=policy_hash,
             policy_error=policy_error,
             champion_version=champion.version if champion else None,
-            candidate_data_md5=candidate_md5,
-            evaluated_data_md5=str(evaluated_md5) if evaluated_md5 is not None else None,
+            candidate_data_md5=run_tags.get(schema.DATA_MD5),
+            evaluated_data_md5=_evaluated_data_md5(report),
         )
-        runs.log_json(tracking, run_id, decision.to_dict(), "lineage/gate_decision.json")
-        promote = decision.passed and not config.gate.require_approval
-        status = "champion" if promote else ("awaiting-approval" if decision.passed else "rejected")
-        tags: dict[str, object] = {k: v for k, v in run_tags.items() if k.startswith(("fd.data.", "fd.code."))}
-        tags |= {
-            "fd.training.method": training.method,
-            "fd.gate.passed": str(decision.passed).lower(),
-            "fd.gate.reasons": decision.reasons,
-            "fd.gate.policy": decision.policy,
-            "fd.gate.policy_file": str(config.gate.policy),
-            "fd.gate.policy_hash": policy_hash or "",
-            "fd.gate.compared_with_version": decision.compared_with_version or "",
-            "fd.gate.decided_at": registry.now_iso(),
-            "fd.status": status,
-        }
-        verdict = "PASSED the fairness gate" if decision.passed else "FAILED the fairness gate"
-        description = verdict + (": " + "; ".join(decision.reasons) if decision.reasons else ".")
-        description += f" Status: {status}. Data md5 {candidate_md5}, code {run_tags.get('fd.code.git_commit')}"
-        description += f", policy {config.gate.policy} (sha256 {policy_hash})."
-        version = registry.register_version(tracking, run_id, model_uri, model_id, tags, description)
-        before = registry.move_champion(tracking, version) if promote else (champion.version if champion else None)
-        registry.record_decision(
-            tracking,
-            registry.DecisionRecord(
-                model=tracking.model_name,
-                version=version,
-                decision="pass" if decision.passed else "fail",
-                reasons=decision.reasons or [f"every rule of policy '{policy.name if policy else '?'}' passed"],
-                actor=f"pipeline ({who})",
-                at=registry.now_iso(),
-                data_md5=candidate_md5,
-                policy_hash=policy_hash,
-                champion_before=champion.version if champion else None,
-                champion_after=version if promote else before,
-            ),
+        runs.log_json(tracking, run_id, decision.to_dict(), schema.GATE_DECISION_ARTIFACT)
+        registered = registry.register_gated_candidate(
+            tracking, candidate, decision, champion, config.gate.require_approval
         )
     return PromotionOutcome(
         model_name=tracking.model_name,
-        version=version,
-        promoted=promote,
+        version=registered.version,
+        promoted=registered.promoted,
         passed=decision.passed,
-        status=status,
+        status=registered.status,
         reasons=decision.reasons,
         compared_with_version=decision.compared_with_version,
         run_id=run_id,
         report_path=str(Path(config.evaluation.output_dir) / "evaluation.md"),
     )
+
+
+def _load_gate_policy(config: PipelineConfig, run_id: str) -> tuple[GatePolicy | None, str | None, str | None]:
+    """(policy, its sha256, why it cannot be used); a readable policy is stored on the run."""
+    try:
+        policy, policy_hash = load_policy(config.gate.policy)
+    except PolicyError as error:
+        return None, None, str(error)  # the gate rejects the candidate, naming this error
+    runs.log_text(config.tracking, run_id, Path(config.gate.policy).read_text(), schema.GATE_POLICY_ARTIFACT)
+    return policy, policy_hash, None
+
+
+def _evaluated_data_md5(report: EvaluationReport) -> str | None:
+    evaluated = report.protocol.get("data_md5")
+    return str(evaluated) if evaluated is not None else None

@@ -43,6 +43,23 @@ class AbsoluteRules(_Strict):
     #: Floor on each attribute's equity-scaled AUC of the clinical-semantics classifier
     #: (needs the evaluation's AUCs; a missing AUC then fails closed).
     min_es_auc: PerAttribute = None
+    #: Scale-free ceilings, which mean the same at any FID scale (a random-feature FID of
+    #: 5 or an Inception FID of 50): each attribute's disparity over the overall FID
+    #: (D / FID), and its largest group gap at matched sample size over the matched overall FID.
+    max_relative_disparity: PerAttribute = None
+    max_relative_gap: PerAttribute = None
+
+
+class ReferenceRules(_Strict):
+    """What a candidate must beat, so that a model that learnt nothing cannot pass."""
+
+    #: The candidate's overall FID must be below the FID of the model it was fine-tuned
+    #: from, on the same prompts and seeds, beyond its bootstrap interval (the interval's
+    #: worse end below the base model's FID). Fails closed when the base was not measured.
+    beat_base_model: bool = True
+    #: Ceiling on the overall FID over the real-vs-real floor, both at half the test set
+    #: (1 = as close to the real images as real images are to each other).
+    max_fid_over_floor: float | None = Field(None, gt=0)
 
 
 class NonRegressionRules(_Strict):
@@ -63,6 +80,7 @@ class GatePolicy(_Strict):
     name: str
     absolute: AbsoluteRules
     non_regression: NonRegressionRules
+    reference: ReferenceRules = ReferenceRules()
 
 
 def threshold_for(value: PerAttribute, attribute: str) -> float | None:

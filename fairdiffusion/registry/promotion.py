@@ -1,4 +1,4 @@
-"""MLflow tracking, registry and lineage: the one module that records how a model came to be.
+"""The model registry: versions, aliases, the promotion lock, and every decision with its audit run.
 
 Everything is written through an explicit ``MlflowClient`` built from the tracking
 URI in force (``MLFLOW_TRACKING_URI`` or the config), so nothing here touches MLflow's
@@ -7,7 +7,9 @@ global state and the same code talks to a SQLite file or a tracking server.
 Lineage facts live in three places an auditor can read from MLflow alone: tags on the
 run (``fd.data.*``, ``fd.code.*``, ``fd.validation.*``, ``fd.training.*``), the run's
 artifacts (``lineage/*.json``, the resolved config, the evaluation report) and tags on
-the model version (``fd.gate.*`` and a copy of the data/code version).
+the model version (``fd.gate.*`` and a copy of the data/code version). Their names are
+in :mod:`fairdiffusion.registry.schema`; this module is the one that writes a decision
+(version tags, aliases, the audit run) and reads it back (:func:`read_lineage`).
 """
 
 from __future__ import annotations
@@ -21,17 +23,27 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fairdiffusion.config import TrackingConfig
 from fairdiffusion.errors import RegistryError
+from fairdiffusion.registry import schema
+from fairdiffusion.registry.audit import (
+    CodeLineage,
+    DataLineage,
+    GateLineage,
+    Lineage,
+    MetricsLineage,
+    TrainingLineage,
+    ValidationLineage,
+)
 from fairdiffusion.tracking import artifact_json as _artifact_json
 from fairdiffusion.tracking import create_experiment
 from fairdiffusion.tracking import json_tag as _json_tag
 from fairdiffusion.tracking import mlflow_client as _client
 
-CHAMPION, CANDIDATE, PREVIOUS_CHAMPION = "champion", "candidate", "previous-champion"
-LOCK_SUFFIX = ".promotion-lock"
+if TYPE_CHECKING:
+    from fairdiffusion.registry.gate import GateDecision
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ def find_champion(tracking: TrackingConfig) -> ChampionInfo | None:
 
     client = _client(tracking)
     try:
-        version = client.get_model_version_by_alias(tracking.model_name, CHAMPION)
+        version = client.get_model_version_by_alias(tracking.model_name, schema.CHAMPION)
     except MlflowException:
         return None
     run = client.get_run(version.run_id)
@@ -80,7 +92,7 @@ def find_champion(tracking: TrackingConfig) -> ChampionInfo | None:
         version=str(version.version),
         run_id=str(version.run_id),
         metrics=dict(run.data.metrics),
-        data_md5=run.data.tags.get("fd.data.dvc_md5"),
+        data_md5=run.data.tags.get(schema.DATA_MD5),
     )
 
 
@@ -102,7 +114,7 @@ def log_model(tracking: TrackingConfig, run_id: str, model_dir: str | Path) -> t
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model",
+                name=schema.MODEL_ARTIFACT,
                 python_model=FairDiffusionPyfunc(),
                 artifacts={PIPELINE_ARTIFACT: str(model_dir)},
                 signature=model_signature(),
@@ -150,7 +162,7 @@ def promotion_lock(
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking)
-    name = f"{tracking.model_name}{LOCK_SUFFIX}"
+    name = f"{tracking.model_name}{schema.LOCK_SUFFIX}"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -212,8 +224,8 @@ def register_version(
         model_id=model_id,
     )
     number = str(version.version)
-    client.set_registered_model_alias(tracking.model_name, CANDIDATE, number)
-    client.set_tag(run_id, "fd.registry.version", number)
+    client.set_registered_model_alias(tracking.model_name, schema.CANDIDATE, number)
+    client.set_tag(run_id, schema.REGISTRY_VERSION, number)
     return number
 
 
@@ -232,11 +244,42 @@ def move_champion(tracking: TrackingConfig, version: str) -> str | None:
     Call it only inside :func:`promotion_lock`. Returns the old champion.
     """
     client = _client(tracking)
-    before = _alias_version(client, tracking.model_name, CHAMPION)
+    before = _alias_version(client, tracking.model_name, schema.CHAMPION)
     if before is not None and before != version:
-        client.set_registered_model_alias(tracking.model_name, PREVIOUS_CHAMPION, before)
-    client.set_registered_model_alias(tracking.model_name, CHAMPION, version)
+        client.set_registered_model_alias(tracking.model_name, schema.PREVIOUS_CHAMPION, before)
+    client.set_registered_model_alias(tracking.model_name, schema.CHAMPION, version)
     return before
+
+
+def _audit_tags(record: DecisionRecord) -> dict[str, str]:
+    return {
+        schema.AUDIT_MODEL: record.model,
+        schema.AUDIT_VERSION: record.version,
+        schema.AUDIT_DECISION: record.decision,
+        schema.AUDIT_ACTOR: record.actor,
+        schema.AUDIT_AT: record.at,
+        schema.AUDIT_REASONS: _json_tag(record.reasons),
+        schema.AUDIT_DATA_MD5: record.data_md5 or "",
+        schema.AUDIT_POLICY_HASH: record.policy_hash or "",
+        schema.AUDIT_CHAMPION_BEFORE: record.champion_before or "",
+        schema.AUDIT_CHAMPION_AFTER: record.champion_after or "",
+    }
+
+
+def _record_from_audit_tags(tags: Mapping[str, str], audit_run_id: str) -> DecisionRecord:
+    return DecisionRecord(
+        model=tags.get(schema.AUDIT_MODEL, ""),
+        version=tags.get(schema.AUDIT_VERSION, ""),
+        decision=tags.get(schema.AUDIT_DECISION, ""),
+        reasons=json.loads(tags.get(schema.AUDIT_REASONS) or "[]"),
+        actor=tags.get(schema.AUDIT_ACTOR, ""),
+        at=tags.get(schema.AUDIT_AT, ""),
+        data_md5=tags.get(schema.AUDIT_DATA_MD5) or None,
+        policy_hash=tags.get(schema.AUDIT_POLICY_HASH) or None,
+        champion_before=tags.get(schema.AUDIT_CHAMPION_BEFORE) or None,
+        champion_after=tags.get(schema.AUDIT_CHAMPION_AFTER) or None,
+        audit_run_id=audit_run_id,
+    )
 
 
 def record_decision(tracking: TrackingConfig, record: DecisionRecord) -> DecisionRecord:
@@ -248,28 +291,17 @@ def record_decision(tracking: TrackingConfig, record: DecisionRecord) -> Decisio
         if experiment is not None
         else create_experiment(client, tracking, tracking.audit_experiment)
     )
-    tags = {
-        "fd.audit.model": record.model,
-        "fd.audit.version": record.version,
-        "fd.audit.decision": record.decision,
-        "fd.audit.actor": record.actor,
-        "fd.audit.at": record.at,
-        "fd.audit.reasons": _json_tag(record.reasons),
-        "fd.audit.data_md5": record.data_md5 or "",
-        "fd.audit.policy_hash": record.policy_hash or "",
-        "fd.audit.champion_before": record.champion_before or "",
-        "fd.audit.champion_after": record.champion_after or "",
-    }
-    run = client.create_run(experiment_id, run_name=f"{record.model} v{record.version} {record.decision}", tags=tags)
+    name = f"{record.model} v{record.version} {record.decision}"
+    run = client.create_run(experiment_id, run_name=name, tags=_audit_tags(record))
     written = DecisionRecord(**(record.to_dict() | {"audit_run_id": run.info.run_id}))  # type: ignore[arg-type]
-    client.log_dict(run.info.run_id, written.to_dict(), "decision.json")
+    client.log_dict(run.info.run_id, written.to_dict(), schema.DECISION_ARTIFACT)
     client.set_terminated(run.info.run_id, "FINISHED")
     for key, value in {
-        "fd.decision.latest": record.decision,
-        "fd.decision.latest_at": record.at,
-        "fd.decision.latest_actor": record.actor,
-        "fd.decision.latest_reasons": _json_tag(record.reasons),
-        "fd.decision.latest_audit_run": run.info.run_id,
+        schema.LATEST_DECISION: record.decision,
+        schema.LATEST_DECISION_AT: record.at,
+        schema.LATEST_DECISION_ACTOR: record.actor,
+        schema.LATEST_DECISION_REASONS: _json_tag(record.reasons),
+        schema.LATEST_DECISION_AUDIT_RUN: run.info.run_id,
     }.items():
         client.set_model_version_tag(record.model, record.version, key, value)
     return written
@@ -281,9 +313,9 @@ def decision_history(tracking: TrackingConfig, version: str | None = None) -> li
     experiment = client.get_experiment_by_name(tracking.audit_experiment)
     if experiment is None:
         return []
-    query = f"tags.`fd.audit.model` = '{tracking.model_name}'"
+    query = f"tags.`{schema.AUDIT_MODEL}` = '{tracking.model_name}'"
     if version is not None:
-        query += f" and tags.`fd.audit.version` = '{version}'"
+        query += f" and tags.`{schema.AUDIT_VERSION}` = '{version}'"
     runs = []
     token = None
     while True:
@@ -294,24 +326,7 @@ def decision_history(tracking: TrackingConfig, version: str | None = None) -> li
         token = page.token
         if not token:
             break
-    records = []
-    for run in runs:
-        t = run.data.tags
-        records.append(
-            DecisionRecord(
-                model=t.get("fd.audit.model", ""),
-                version=t.get("fd.audit.version", ""),
-                decision=t.get("fd.audit.decision", ""),
-                reasons=json.loads(t.get("fd.audit.reasons") or "[]"),
-                actor=t.get("fd.audit.actor", ""),
-                at=t.get("fd.audit.at", ""),
-                data_md5=t.get("fd.audit.data_md5") or None,
-                policy_hash=t.get("fd.audit.policy_hash") or None,
-                champion_before=t.get("fd.audit.champion_before") or None,
-                champion_after=t.get("fd.audit.champion_after") or None,
-                audit_run_id=run.info.run_id,
-            )
-        )
+    records = [_record_from_audit_tags(run.data.tags, run.info.run_id) for run in runs]
     return sorted(records, key=lambda r: (r.at, r.audit_run_id))
 
 
@@ -340,12 +355,12 @@ def approve_version(tracking: TrackingConfig, version: str, reason: str, actor: 
         raise RegistryError("approve: --reason is required and must not be empty")
     client = _client(tracking)
     tags = _version_tags(client, tracking.model_name, version)
-    if tags.get("fd.gate.passed") != "true":
+    if tags.get(schema.GATE_PASSED) != "true":
         raise RegistryError(
             f"approve: version {version} did not pass the fairness gate "
-            f"({tags.get('fd.gate.reasons', 'no decision recorded')}); only `promote --force --reason` can override"
+            f"({tags.get(schema.GATE_REASONS, 'no decision recorded')}); only `promote --force --reason` can override"
         )
-    return _promote(tracking, version, "approval", [reason], actor, tags)
+    return _promote(tracking, version, schema.DECISION_APPROVAL, [reason], actor, tags)
 
 
 def force_promote(tracking: TrackingConfig, version: str, reason: str, actor: str) -> DecisionRecord:
@@ -357,8 +372,8 @@ def force_promote(tracking: TrackingConfig, version: str, reason: str, actor: st
     if not reason.strip():
         raise RegistryError("promote --force: --reason is required and must not be empty")
     tags = _version_tags(_client(tracking), tracking.model_name, version)
-    gate = "passed" if tags.get("fd.gate.passed") == "true" else "FAILED"
-    return _promote(tracking, version, "override", [reason, f"gate {gate} for this version"], actor, tags)
+    gate = "passed" if tags.get(schema.GATE_PASSED) == "true" else "FAILED"
+    return _promote(tracking, version, schema.DECISION_OVERRIDE, [reason, f"gate {gate} for this version"], actor, tags)
 
 
 def _promote(
@@ -388,8 +403,8 @@ def _record_human_decision(
             reasons=reasons,
             actor=actor,
             at=now_iso(),
-            data_md5=tags.get("fd.data.dvc_md5"),
-            policy_hash=tags.get("fd.gate.policy_hash"),
+            data_md5=tags.get(schema.DATA_MD5),
+            policy_hash=tags.get(schema.GATE_POLICY_HASH),
             champion_before=champion_before,
             champion_after=version,
         ),
@@ -407,89 +422,184 @@ def rollback_champion(tracking: TrackingConfig, reason: str, actor: str) -> Deci
     client = _client(tracking)
     name = tracking.model_name
     with promotion_lock(tracking, holder=f"rollback by {actor}"):
-        target = _alias_version(client, name, PREVIOUS_CHAMPION)
-        current = _alias_version(client, name, CHAMPION)
+        target = _alias_version(client, name, schema.PREVIOUS_CHAMPION)
+        current = _alias_version(client, name, schema.CHAMPION)
         if target is None:
-            raise RegistryError(f"rollback: '{name}' has no previous-champion to roll back to")
-        client.set_registered_model_alias(name, CHAMPION, target)
-        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+            raise RegistryError(f"rollback: '{name}' has no {schema.PREVIOUS_CHAMPION} to roll back to")
+        client.set_registered_model_alias(name, schema.CHAMPION, target)
+        client.delete_registered_model_alias(name, schema.PREVIOUS_CHAMPION)
         tags = _version_tags(client, name, target)
-        return _record_human_decision(tracking, target, "rollback", [reason], actor, tags, current)
+        return _record_human_decision(tracking, target, schema.DECISION_ROLLBACK, [reason], actor, tags, current)
 
 
-def read_lineage(tracking: TrackingConfig, version: str | None = None, alias: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GatedCandidate:
+    """A candidate's run and logged model, as the gate's verdict is registered with them."""
+
+    run_id: str
+    model_uri: str
+    model_id: str | None
+    #: The run's tags; its ``fd.data.*`` and ``fd.code.*`` are copied onto the version.
+    run_tags: Mapping[str, str]
+    training_method: str
+    policy_file: str
+    #: Who started the pipeline (recorded as ``pipeline (<actor>)``).
+    actor: str
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The version a candidate was registered as, its status, and whether it became champion."""
+
+    version: str
+    status: str
+    promoted: bool
+
+
+def register_gated_candidate(
+    tracking: TrackingConfig,
+    candidate: GatedCandidate,
+    decision: GateDecision,
+    champion: ChampionInfo | None,
+    require_approval: bool,
+) -> Registration:
+    """Register a candidate with the gate's verdict, make it champion only on a pass, record the decision.
+
+    Call it only inside :func:`promotion_lock`, with the champion read under the same lock.
+    A passing candidate waits for ``approve`` instead when ``require_approval`` is on.
+    """
+    promote = decision.passed and not require_approval
+    status = _candidate_status(decision.passed, promote)
+    tags = _gate_version_tags(candidate, decision, status)
+    description = _gate_description(candidate, decision, status)
+    version = register_version(tracking, candidate.run_id, candidate.model_uri, candidate.model_id, tags, description)
+    champion_before = champion.version if champion else None
+    if promote:
+        move_champion(tracking, version)
+    record_decision(
+        tracking,
+        DecisionRecord(
+            model=tracking.model_name,
+            version=version,
+            decision=schema.DECISION_PASS if decision.passed else schema.DECISION_FAIL,
+            reasons=decision.reasons or [f"every rule of policy '{decision.policy.get('name', '?')}' passed"],
+            actor=f"pipeline ({candidate.actor})",
+            at=now_iso(),
+            data_md5=candidate.run_tags.get(schema.DATA_MD5),
+            policy_hash=decision.policy_hash,
+            champion_before=champion_before,
+            champion_after=version if promote else champion_before,
+        ),
+    )
+    return Registration(version=version, status=status, promoted=promote)
+
+
+def _candidate_status(passed: bool, promote: bool) -> str:
+    if promote:
+        return schema.STATUS_CHAMPION
+    return schema.STATUS_AWAITING_APPROVAL if passed else schema.STATUS_REJECTED
+
+
+def _gate_version_tags(candidate: GatedCandidate, decision: GateDecision, status: str) -> dict[str, object]:
+    lineage_prefixes = (schema.DATA_TAG_PREFIX, schema.BASE_TAG_PREFIX, schema.CODE_TAG_PREFIX)
+    tags: dict[str, object] = {k: v for k, v in candidate.run_tags.items() if k.startswith(lineage_prefixes)}
+    return tags | {
+        schema.TRAINING_METHOD: candidate.training_method,
+        schema.GATE_PASSED: str(decision.passed).lower(),
+        schema.GATE_REASONS: decision.reasons,
+        schema.GATE_POLICY: decision.policy,
+        schema.GATE_POLICY_FILE: candidate.policy_file,
+        schema.GATE_POLICY_HASH: decision.policy_hash or "",
+        schema.GATE_COMPARED_WITH_VERSION: decision.compared_with_version or "",
+        schema.GATE_DECIDED_AT: now_iso(),
+        schema.STATUS: status,
+    }
+
+
+def _gate_description(candidate: GatedCandidate, decision: GateDecision, status: str) -> str:
+    verdict = "PASSED the fairness gate" if decision.passed else "FAILED the fairness gate"
+    description = verdict + (": " + "; ".join(decision.reasons) if decision.reasons else ".")
+    tags = candidate.run_tags
+    description += f" Status: {status}. Data md5 {tags.get(schema.DATA_MD5)}, code {tags.get(schema.CODE_GIT_COMMIT)}"
+    return description + f", policy {candidate.policy_file} (sha256 {decision.policy_hash})."
+
+
+def read_lineage(tracking: TrackingConfig, version: str | None = None, alias: str | None = None) -> Lineage:
     """Reconstruct a model version's lineage from MLflow alone.
 
     Raises:
         RegistryError: if the model, version or alias does not exist.
     """
+    client = _client(tracking)
+    mv, registered = _find_version(client, tracking, version, alias)
+    run = client.get_run(mv.run_id)
+    tags, vtags = run.data.tags, mv.tags
+    gate_record = _artifact_json(client, mv.run_id, schema.GATE_DECISION_ARTIFACT) or {}
+    return Lineage(
+        model=tracking.model_name,
+        version=str(mv.version),
+        aliases=sorted(a for a, v in (registered.aliases or {}).items() if str(v) == str(mv.version)),
+        run_id=mv.run_id,
+        data=DataLineage(
+            dvc_md5=tags.get(schema.DATA_MD5),
+            data_dvc_commit=tags.get(schema.DATA_DVC_COMMIT),
+            path=tags.get(schema.DATA_PATH),
+        ),
+        base_model=DataLineage(
+            dvc_md5=tags.get(schema.BASE_MD5),
+            data_dvc_commit=tags.get(schema.BASE_DVC_COMMIT),
+            path=tags.get(schema.BASE_PATH),
+        ),
+        code=CodeLineage(git_commit=tags.get(schema.CODE_GIT_COMMIT), dirty=_loads(tags.get(schema.CODE_DIRTY), None)),
+        validation=ValidationLineage(
+            success=_loads(tags.get(schema.VALIDATION_SUCCESS), None),
+            failed_expectations=_loads(tags.get(schema.VALIDATION_FAILED_EXPECTATIONS), []),
+        ),
+        training=TrainingLineage(
+            method=run.data.params.get(schema.TRAINING_METHOD_PARAM),
+            config=_artifact_json(client, mv.run_id, schema.CONFIG_ARTIFACT),
+        ),
+        metrics=MetricsLineage.from_metrics(run.data.metrics),
+        gate=_gate_lineage(vtags, gate_record.get("checks", [])),
+        status=vtags.get(schema.STATUS),
+        decisions=decision_history(tracking, version=str(mv.version)),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(mv.creation_timestamp) / 1000)),
+    )
+
+
+def _find_version(client: Any, tracking: TrackingConfig, version: str | None, alias: str | None) -> tuple[Any, Any]:
+    """The model version (by alias or number) and its registered model."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking)
     name = tracking.model_name
     try:
         if alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
         else:
             mv = client.get_model_version(name, str(version))
-        registered = client.get_registered_model(name)
+        return mv, client.get_registered_model(name)
     except MlflowException:
         target = f"alias '{alias}'" if alias else f"version {version}"
         raise RegistryError(
             f"registered model '{name}' has no {target} at {tracking.resolved_tracking_uri()}"
         ) from None
-    run = client.get_run(mv.run_id)
-    tags, vtags = run.data.tags, mv.tags
 
-    def loads(text: str | None, default: Any) -> Any:
-        try:
-            return json.loads(text) if text else default
-        except json.JSONDecodeError:
-            return text
 
-    aliases = sorted(a for a, v in (registered.aliases or {}).items() if str(v) == str(mv.version))
-    metrics = dict(run.data.metrics)
-    return {
-        "model": name,
-        "version": str(mv.version),
-        "aliases": aliases,
-        "run_id": mv.run_id,
-        "data": {
-            "dvc_md5": tags.get("fd.data.dvc_md5"),
-            "data_dvc_commit": tags.get("fd.data.data_dvc_commit"),
-            "path": tags.get("fd.data.path"),
-        },
-        "code": {
-            "git_commit": tags.get("fd.code.git_commit"),
-            "dirty": loads(tags.get("fd.code.dirty"), None),
-        },
-        "validation": {
-            "success": loads(tags.get("fd.validation.success"), None),
-            "failed_expectations": loads(tags.get("fd.validation.failed_expectations"), []),
-        },
-        "training": {
-            "method": run.data.params.get("training.method"),
-            "config": _artifact_json(client, mv.run_id, "lineage/config.json"),
-        },
-        "metrics": {
-            "overall": {k: v for k, v in metrics.items() if k.endswith("/overall")},
-            "per_subgroup": {
-                k: v
-                for k, v in metrics.items()
-                if (k.startswith("fid_") or k.startswith("num_samples/")) and not k.endswith("/overall")
-            },
-            "equity": {k: v for k, v in metrics.items() if k.startswith("es_fid_")},
-        },
-        "gate": {
-            "passed": loads(vtags.get("fd.gate.passed"), None),
-            "reasons": loads(vtags.get("fd.gate.reasons"), []),
-            "policy": loads(vtags.get("fd.gate.policy"), {}),
-            "policy_file": vtags.get("fd.gate.policy_file"),
-            "policy_hash": vtags.get("fd.gate.policy_hash") or None,
-            "compared_with_version": vtags.get("fd.gate.compared_with_version") or None,
-            "checks": (_artifact_json(client, mv.run_id, "lineage/gate_decision.json") or {}).get("checks", []),
-        },
-        "status": vtags.get("fd.status"),
-        "decisions": [r.to_dict() for r in decision_history(tracking, version=str(mv.version))],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(mv.creation_timestamp) / 1000)),
-    }
+def _loads(text: str | None, default: Any) -> Any:
+    """A JSON tag's value; a tag that is not JSON reads as its text."""
+    try:
+        return json.loads(text) if text else default
+    except json.JSONDecodeError:
+        return text
+
+
+def _gate_lineage(vtags: Mapping[str, str], checks: list[dict[str, Any]]) -> GateLineage:
+    return GateLineage(
+        passed=_loads(vtags.get(schema.GATE_PASSED), None),
+        reasons=_loads(vtags.get(schema.GATE_REASONS), []),
+        policy=_loads(vtags.get(schema.GATE_POLICY), {}),
+        policy_file=vtags.get(schema.GATE_POLICY_FILE),
+        policy_hash=vtags.get(schema.GATE_POLICY_HASH) or None,
+        compared_with_version=vtags.get(schema.GATE_COMPARED_WITH_VERSION) or None,
+        checks=checks,
+    )

@@ -13,13 +13,20 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fairdiffusion.errors import TrainingError
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 #: The completion marker and the training position of a checkpoint.
 STATE_FILE = "training_state.json"
+#: Part of a run's identity, so that a checkpoint of another layout is refused by name.
+#: 2: the loop state, the FBP controller and the EMA are accelerate custom objects.
+CHECKPOINT_FORMAT = 2
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -116,3 +123,48 @@ def read_state(folder: Path) -> dict[str, Any]:
     """The training position stored in a complete checkpoint."""
     state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
     return state
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, position: dict[str, Any], keep: int) -> None:
+    """Write the checkpoint of ``position["step"]`` on every process, then prune the old ones.
+
+    accelerate saves the model, optimiser, LR scheduler, gradient scaler and RNG states
+    and every object registered with ``accelerator.register_for_checkpointing``; the
+    position, written last, marks the checkpoint complete.
+    """
+    step = int(position["step"])
+    partial = root / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        partial_folder(root, step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit_checkpoint(partial, position)
+        prune_checkpoints(root, keep)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, identity: Mapping[str, object]) -> dict[str, Any]:
+    """Load a complete checkpoint of this run into ``accelerator`` and its registered objects.
+
+    Args:
+        accelerator: Prepared, with the same objects registered as when it was saved.
+        folder: A complete checkpoint (see :func:`find_resume_checkpoint`).
+        identity: What the checkpoint's run must agree with (data, settings, format).
+
+    Returns:
+        The checkpoint's position (``training_state.json``).
+
+    Raises:
+        TrainingError: if the checkpoint was written by a run of another identity.
+    """
+    position = read_state(folder)
+    differing = [key for key, value in identity.items() if position["identity"].get(key) != value]
+    if differing:
+        raise TrainingError(
+            f"training.resume: {folder} was written by a run with different {', '.join(differing)}; "
+            "set training.resume: null to start afresh (its checkpoints are then moved to checkpoints.previous)"
+        )
+    accelerator.load_state(str(folder))
+    return position

@@ -10,14 +10,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from fairdiffusion.data.images import centre_offsets, resize_and_crop
 from fairdiffusion.training.fbp import derive_seed
 
 
 class FundusPromptDataset(Dataset):
     """Images, tokenised prompts and group codes of the training rows.
 
-    Random augmentations (random crop, flip) are drawn from a generator seeded by
-    ``(seed, epoch, index)``, so they do not depend on workers, processes or resumes.
+    Images are resized and cropped by :func:`fairdiffusion.data.images.resize_and_crop`, the
+    function evaluation prepares the real images with. Random augmentations (random crop,
+    flip) are drawn from a generator seeded by ``(seed, epoch, index)``, so they do not
+    depend on workers, processes or resumes.
     """
 
     def __init__(
@@ -53,23 +56,16 @@ class FundusPromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
+
+        def random_offsets(slack_x: int, slack_y: int) -> tuple[int, int]:
+            left = int(torch.randint(0, slack_x + 1, (1,), generator=generator))
+            top = int(torch.randint(0, slack_y + 1, (1,), generator=generator))
+            return left, top
+
         with Image.open(self.paths[index]) as image:
-            # Resize the short side, then crop, as diffusers does.
-            rgb = image.convert("RGB")
-            scale = self.resolution / min(rgb.size)
-            size = (
-                max(self.resolution, round(rgb.width * scale)),
-                max(self.resolution, round(rgb.height * scale)),
-            )
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-            if self.center_crop:
-                left, top = (rgb.width - self.resolution) // 2, (rgb.height - self.resolution) // 2
-            else:
-                left = int(torch.randint(0, rgb.width - self.resolution + 1, (1,), generator=generator))
-                top = int(torch.randint(0, rgb.height - self.resolution + 1, (1,), generator=generator))
-            rgb = rgb.crop((left, top, left + self.resolution, top + self.resolution))
-            if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
-                rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            rgb = resize_and_crop(image, self.resolution, centre_offsets if self.center_crop else random_offsets)
+        if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+            rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         return {
             "pixel_values": pixels,

@@ -133,9 +133,10 @@ class FBPController:
     Args:
         attributes: Ordered mapping attribute name -> ordered group names.
             ``sigma`` has one entry per group, concatenated in this order.
-        window: Observations per BO window (paper ``fair_time_window``).
+        window: Observations per BO window (the authors' ``fair_time_window``;
+            ``training.fbp.time_window``).
         exploitation_rate: rho in ``sigma <- rho*sigma + (1-rho)*U(0,1)``
-            (paper ``fair_exploitation_rate``).
+            (the authors' ``fair_exploitation_rate``; ``training.fbp.exploitation_rate``).
         ucb_beta: Exploration weight of the UCB acquisition function.
         seed: Base seed; shared by all processes.
         rank: Process index; only changes the ``eps`` stream of

@@ -4,7 +4,7 @@ One process on one machine trains in the calling process (no start-up cost: the 
 and single-GPU runs). Otherwise :func:`run_training` writes a launch spec (the resolved
 config, the training rows, the MLflow run), starts the launcher as a subprocess with
 the configured number of processes, streams its output line by line, and reads back
-the main process's :class:`~fairdiffusion.training.loop.TrainingResult`. Each process runs
+the main process's :class:`~fairdiffusion.training.results.TrainingResult`. Each process runs
 ``python -m fairdiffusion.training.launch --spec <file>`` (:func:`main`).
 
 On other machines of a multi-node run, start the same command by hand with that
@@ -29,7 +29,7 @@ from fairdiffusion import tracking
 from fairdiffusion.config import DistributedConfig, PipelineConfig, config_to_dict, parse_config
 from fairdiffusion.errors import FairDiffusionError, TrainingError
 from fairdiffusion.training.loop import train_unet
-from fairdiffusion.training.results import TrainingResult, TrainingTiming
+from fairdiffusion.training.results import TrainingResult
 
 OutputCallback = Callable[[str], None]
 
@@ -153,15 +153,7 @@ def run_training(
         raise TrainingError(json.loads((folder / "error.json").read_text())["message"])
     if returncode != 0 or not (folder / "result.json").is_file():
         raise TrainingError(f"training processes exited with status {returncode}; last output:\n" + "\n".join(tail))
-    return _result_from_dict(json.loads((folder / "result.json").read_text()))
-
-
-def _result_from_dict(data: dict[str, object]) -> TrainingResult:
-    timing = data.pop("timing")
-    return TrainingResult(
-        **data,  # type: ignore[arg-type]
-        timing=None if timing is None else TrainingTiming(**timing),  # type: ignore[arg-type]
-    )
+    return TrainingResult.from_dict(json.loads((folder / "result.json").read_text()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,35 +32,142 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import is_initialized
 from accelerate.utils import set_seed
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fairdiffusion.config import TrainingConfig
 from fairdiffusion.errors import TrainingError
-from fairdiffusion.models.loading import assemble_pipeline, load_pipeline, load_training_components
+from fairdiffusion.models.loading import ModelComponents, assemble_pipeline, load_pipeline, load_training_components
 from fairdiffusion.models.presets import SD_PRESETS
 from fairdiffusion.training.checkpoints import (
-    commit_checkpoint,
+    CHECKPOINT_FORMAT,
     find_resume_checkpoint,
-    partial_folder,
-    prune_checkpoints,
-    read_state,
+    load_checkpoint,
+    save_checkpoint,
     set_aside_checkpoints,
 )
 from fairdiffusion.training.dataset import FundusPromptDataset, GlobalBatchSampler
 from fairdiffusion.training.fbp import FBPController, derive_seed, diagnose_windows
-from fairdiffusion.training.results import WARMUP_STEPS, TrainingResult, TrainingTiming
+from fairdiffusion.training.results import WARMUP_STEPS, FBPWindowSummary, TrainingResult, TrainingTiming
+from fairdiffusion.training.sampling import ArtifactCallback, build_validation_prompts, sample_validation_grid
 
 logger = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
-#: Called with ``(local folder, artifact path)``; the caller uploads the folder's files.
-ArtifactCallback = Callable[[Path, str], None]
 
-_EXTRA_STATE = "fairdiffusion_state.pt"
+
+@dataclass
+class _Model:
+    """The UNet being trained and what steps it, on the accelerator's device."""
+
+    accelerator: Accelerator
+    #: As loaded; the frozen VAE and text encoder in ``dtype``.
+    components: ModelComponents
+    #: ``components.unet`` as ``accelerator.prepare`` returned it (wrapped when distributed).
+    unet: Any
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    #: diffusers' ``EMAModel`` of the trainable parameters, or ``None``.
+    ema: Any
+    dtype: torch.dtype
+
+
+@dataclass
+class _LoopState:
+    """Where the loop is, and what it has reported.
+
+    Registered with ``accelerator.register_for_checkpointing``: accelerate saves and loads
+    it with the model, optimiser and RNG states. ``step`` and ``loss`` are not in its state
+    dict: they are the checkpoint's position in ``training_state.json``, which must be read
+    before ``accelerator.load_state`` (it marks the checkpoint complete and names its run).
+    """
+
+    #: The loop's own generator, never the global one: a background GP fit forks the
+    #: global CPU generator (see ``fbp._fit_and_maximise``).
+    noise_generator: torch.Generator
+    step: int = 0
+    loss: float = float("nan")
+    windows: list[FBPWindowSummary] = field(default_factory=list)
+    #: FBP warnings by kind, each given once.
+    warned: dict[str, str] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise_generator": self.noise_generator.get_state(),
+            "windows": [asdict(w) for w in self.windows],
+            "warned": dict(self.warned),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.noise_generator.set_state(state["noise_generator"])
+        self.windows = [FBPWindowSummary.from_dict(w) for w in state["windows"]]
+        self.warned = dict(state["warned"])
+
+
+@dataclass
+class _StepBuffer:
+    """The micro-batches of one optimiser step: per-sample losses, global group codes and weights."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    groups: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, losses: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor) -> None:
+        self.losses.append(losses)
+        self.groups.append(groups)
+        self.weights.append(weights)
+
+    def flush(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The global batch's per-sample losses and group codes, and its loss; empties the buffer."""
+        # Every process sees the global batch, so every process holds the same sigma.
+        losses = _gather_in_global_order(accelerator, self.losses).float().cpu()
+        groups = torch.cat(self.groups)
+        # The global batch's loss, as one process holding it would compute it.
+        loss = float((torch.cat(self.weights) * losses).mean())
+        self.losses, self.groups, self.weights = [], [], []
+        return losses, groups, loss
+
+
+@dataclass
+class _Clock:
+    """Wall time of the loop: each optimiser step, and the checkpoints and grids kept out of them."""
+
+    started: float = field(default_factory=time.perf_counter)
+    step_started: float = field(default_factory=time.perf_counter)
+    step_seconds: list[float] = field(default_factory=list)
+    aside_seconds: dict[str, float] = field(default_factory=lambda: {"checkpoint": 0.0, "validation": 0.0})
+
+    def step_done(self) -> None:
+        self.step_seconds.append(time.perf_counter() - self.step_started)
+
+    def next_step(self) -> None:
+        self.step_started = time.perf_counter()
+
+    @contextmanager
+    def aside(self, kind: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.aside_seconds[kind] += time.perf_counter() - started
+
+    def timing(
+        self, loop_seconds: float, samples_per_step: int, fbp_seconds: float, peak_memory: int | None
+    ) -> TrainingTiming:
+        steady = self.step_seconds[WARMUP_STEPS:] if len(self.step_seconds) > WARMUP_STEPS else self.step_seconds
+        steady_seconds = float(sum(steady))
+        return TrainingTiming(
+            loop_seconds=loop_seconds,
+            steady_steps=len(steady),
+            steady_seconds=steady_seconds,
+            median_step_seconds=float(np.median(steady)) if steady else 0.0,
+            samples_per_second=samples_per_step * len(steady) / steady_seconds if steady_seconds > 0 else 0.0,
+            fbp_seconds=fbp_seconds,
+            checkpoint_seconds=self.aside_seconds["checkpoint"],
+            validation_seconds=self.aside_seconds["validation"],
+            peak_memory_bytes=peak_memory,
+        )
 
 
 def _group_metrics(
@@ -81,16 +190,22 @@ def _make_accelerator(config: TrainingConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     if config.mixed_precision == "fp16" and not cuda:
         raise TrainingError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    # AcceleratorState is a process-wide singleton that refuses a second precision; a
-    # process that trains more than once (tests, benchmarks) starts from a clean state.
-    # The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    return Accelerator(
-        cpu=not cuda,
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-    )
+    set_up_before = is_initialized()
+    try:
+        return Accelerator(
+            cpu=not cuda,
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+    except ValueError as error:
+        if not set_up_before:
+            raise
+        # AcceleratorState is a process-wide singleton that keeps the first precision it
+        # was given. It belongs to whoever set it up, so the library never resets it.
+        raise TrainingError(
+            f"training.mixed_precision '{config.mixed_precision}' conflicts with the accelerate set-up this "
+            f"process already has ({error}); train in a fresh process"
+        ) from None
 
 
 def _prepare_unet(unet: torch.nn.Module, config: TrainingConfig, dtype: torch.dtype) -> list[torch.nn.Parameter]:
@@ -119,6 +234,92 @@ def _prepare_unet(unet: torch.nn.Module, config: TrainingConfig, dtype: torch.dt
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def _build_model(pretrained: str, allow_download: bool, config: TrainingConfig, accelerator: Accelerator) -> _Model:
+    """Loads the components, freezes all but the UNet, and prepares the UNet, optimiser and LR schedule."""
+    from diffusers.optimization import get_scheduler
+
+    components = load_training_components(pretrained, allow_download, seed=config.seed, device=accelerator.device)
+    if config.prediction_type is not None:
+        components.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (components.vae, components.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.to(accelerator.device, dtype=dtype)
+    components.unet.to(accelerator.device)
+    trainable = _prepare_unet(components.unet, config, dtype)
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=config.ema_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
+    world = accelerator.num_processes
+    # accelerate steps a prepared scheduler once per process (diffusers scales the same way).
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * world,
+        num_training_steps=config.max_steps * world,
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(components.unet, optimizer, lr_scheduler)
+    return _Model(accelerator, components, unet, trainable, optimizer, lr_scheduler, ema, dtype)
+
+
+def _make_fbp(attributes: Mapping[str, Sequence[str]], config: TrainingConfig) -> FBPController | None:
+    if config.method != "fair":
+        return None
+    # rank=0 on every process: each draws the eps of the whole global batch from the
+    # same stream and keeps its slice (see the module docstring).
+    return FBPController(
+        attributes,
+        window=config.fbp.time_window,
+        exploitation_rate=config.fbp.exploitation_rate,
+        ucb_beta=config.fbp.ucb_beta,
+        seed=config.seed,
+        rank=0,
+        fit_lag=config.fbp.fit_lag,
+    )
+
+
+def _batches_per_epoch(num_rows: int, config: TrainingConfig, num_processes: int) -> int:
+    micro_batch = config.batch_size * num_processes
+    if num_rows < micro_batch:
+        raise TrainingError(
+            f"training.batch_size {config.batch_size} x {num_processes} processes = {micro_batch} exceeds the "
+            f"{num_rows} training rows"
+        )
+    return num_rows // micro_batch
+
+
+def _micro_batches(
+    dataset: FundusPromptDataset, config: TrainingConfig, accelerator: Accelerator, start_step: int
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """This process's micro-batches from optimiser step ``start_step`` to ``max_steps``.
+
+    Each comes with the group codes of its whole global batch, which FBP weighs and observes.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accumulation = config.gradient_accumulation_steps
+    remaining = (config.max_steps - start_step) * accumulation
+    epoch, start_batch = divmod(start_step * accumulation, _batches_per_epoch(len(dataset), config, world))
+    while remaining > 0:
+        dataset.set_epoch(epoch)
+        sampler = GlobalBatchSampler(len(dataset), config.batch_size, world, rank, config.seed, epoch, start_batch)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=config.dataloader_num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+            generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch)),
+        )
+        for batch_index, batch in enumerate(loader, start=start_batch):
+            yield dataset.groups[sampler.global_indices(batch_index)], batch
+            remaining -= 1
+            if remaining == 0:
+                return
+        epoch, start_batch = epoch + 1, 0
+
+
 def _draw_step_noise(
     generator: torch.Generator, latent_shape: torch.Size, num_processes: int, rank: int, num_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,11 +345,200 @@ def _min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float
     return clipped / snr
 
 
+@torch.no_grad()
+def _noisy_latents(
+    model: _Model, batch: dict[str, torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy latents, timesteps, prompt embeddings and the prediction target of a micro-batch."""
+    accelerator, (_, text_encoder, vae, _, noise_scheduler) = model.accelerator, model.components
+    pixel_values = batch["pixel_values"].to(accelerator.device, dtype=model.dtype)
+    posterior = vae.encode(pixel_values).latent_dist
+    latent_eps, noise, timesteps = _draw_step_noise(
+        generator,
+        posterior.mean.shape,
+        accelerator.num_processes,
+        accelerator.process_index,
+        noise_scheduler.config.num_train_timesteps,
+    )
+    latents = posterior.mean + posterior.std * latent_eps.to(posterior.mean.dtype)
+    latents = latents * vae.config.scaling_factor
+    encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+    noise = noise.to(latents.dtype)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return noisy_latents, timesteps, encoder_hidden_states, target
+
+
+def _weighted_loss(
+    per_sample: torch.Tensor, global_groups: torch.Tensor, fbp: FBPController | None, rank: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch's loss, and the loss weights of its whole global batch (ones without FBP)."""
+    if fbp is None:
+        return per_sample.mean(), torch.ones(len(global_groups))
+    # FBP (Sec. 3.2): loss = mean_i w_i * mse_i with w_i = 1 + sum_a sigma_g * eps.
+    global_weights = fbp.sample_weights(global_groups)
+    local = slice(rank * batch_size, (rank + 1) * batch_size)
+    return (global_weights[local].to(per_sample.device) * per_sample).mean(), global_weights
+
+
+def _train_step(
+    model: _Model,
+    batch: dict[str, torch.Tensor],
+    global_groups: torch.Tensor,
+    fbp: FBPController | None,
+    generator: torch.Generator,
+    config: TrainingConfig,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of optimiser step ``step`` (1-based): forward, backward, and the update
+    when the gradients sync. Returns this process's per-sample losses and the global weights."""
+    accelerator, noise_scheduler = model.accelerator, model.components.noise_scheduler
+    with accelerator.accumulate(model.unet):
+        noisy_latents, timesteps, encoder_hidden_states, target = _noisy_latents(model, batch, generator)
+        prediction = model.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.snr_gamma is not None:
+            per_sample = per_sample * _min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
+        loss, global_weights = _weighted_loss(
+            per_sample, global_groups, fbp, accelerator.process_index, config.batch_size
+        )
+        micro_loss = float(loss.detach())
+        if not math.isfinite(micro_loss):
+            raise TrainingError(
+                f"training loss became {micro_loss} at step {step}; lower training.learning_rate or check the data"
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.trainable, config.max_grad_norm)
+        model.optimizer.step()
+        model.lr_scheduler.step()
+        model.optimizer.zero_grad()
+    return per_sample.detach(), global_weights
+
+
 def _gather_in_global_order(accelerator: Accelerator, local: list[torch.Tensor]) -> torch.Tensor:
     """The per-sample values of every micro-batch of a step, ordered as one process would see them."""
     stacked = torch.stack(local)  # [micro-batches, local batch]
     gathered = accelerator.gather(stacked)  # [processes * micro-batches, local batch], process-major
     return gathered.view(accelerator.num_processes, *stacked.shape).transpose(0, 1).reshape(-1)
+
+
+def _loss_metrics(
+    losses: torch.Tensor, groups: torch.Tensor, attributes: Mapping[str, Sequence[str]], loss: float, lr: float
+) -> dict[str, float]:
+    group_metrics, gaps = _group_metrics(losses, groups, attributes)
+    metrics = {"train/loss": loss, "train/lr": lr}
+    metrics |= group_metrics | {f"train/loss_gap/{a}": gap for a, gap in gaps.items()}
+    metrics["train/loss_gap"] = sum(gaps.values())
+    return metrics
+
+
+def _warn_fbp(progress: Any, message: str) -> None:
+    logger.warning("Fair Bayesian Perturbation: %s", message)
+    progress.write(f"WARNING Fair Bayesian Perturbation: {message}")
+
+
+def _observe_fbp(
+    fbp: FBPController,
+    losses: torch.Tensor,
+    groups: torch.Tensor,
+    state: _LoopState,
+    warn_windows: int,
+    warn: Callable[[str], None] | None,
+) -> tuple[dict[str, float], bool]:
+    """Feeds the step's global losses to FBP. Returns its metrics, and whether a window closed."""
+    result = fbp.observe(losses, groups)
+    metrics = {"fbp/objective": result.y} | {f"fbp/gap/{a}": gap for a, gap in result.gaps.items()}
+    if result.window_closed:
+        summary = FBPWindowSummary(
+            # 1-based training steps: when the window closed, when its sigma took over.
+            step=fbp.windows[-1].step + 1,
+            applied_step=state.step,
+            acquisition=result.acquisition_value,
+            gaps=result.gaps,
+            fit_failed=result.fit_failed,
+            reason=result.fit_failure_reason,
+        )
+        state.windows.append(summary)
+        if result.acquisition_value is not None:
+            metrics["fbp/acquisition"] = result.acquisition_value
+        metrics["fbp/window_gap"] = sum(result.gaps.values())
+        for key, message in diagnose_windows(fbp.windows, fbp.weight_names, warn_windows).items():
+            if key not in state.warned:
+                state.warned[key] = f"step {state.step}: {message}"
+                if warn is not None:
+                    warn(state.warned[key])
+        metrics["fbp/warnings"] = float(len(state.warned))
+    metrics |= {
+        f"fbp/sigma/{name.replace('=', '/')}": value for name, value in zip(fbp.weight_names, result.sigma, strict=True)
+    }
+    return metrics, result.window_closed
+
+
+def _finish_step(
+    model: _Model,
+    buffer: _StepBuffer,
+    fbp: FBPController | None,
+    state: _LoopState,
+    attributes: Mapping[str, Sequence[str]],
+    config: TrainingConfig,
+    warn: Callable[[str], None] | None,
+) -> tuple[dict[str, float], bool]:
+    """After an optimiser step: the EMA update, the global batch's loss and metrics, FBP's observation.
+
+    Returns the step's metrics, and whether an FBP window closed.
+    """
+    if model.ema is not None:
+        model.ema.step(model.trainable)
+    losses, groups, state.loss = buffer.flush(model.accelerator)
+    metrics = _loss_metrics(losses, groups, attributes, state.loss, float(model.lr_scheduler.get_last_lr()[0]))
+    if fbp is None:
+        return metrics, False
+    fbp_metrics, window_closed = _observe_fbp(fbp, losses, groups, state, config.fbp.warn_windows, warn)
+    return metrics | fbp_metrics, window_closed
+
+
+def _report_step(
+    metrics: dict[str, float],
+    step: int,
+    window_closed: bool,
+    config: TrainingConfig,
+    log_metrics: MetricsCallback | None,
+    progress: Any,
+    fbp: FBPController | None,
+) -> None:
+    """Hands the metrics to ``log_metrics`` when due (and at every closed window); updates the bar."""
+    if log_metrics is not None and (window_closed or step % config.log_every == 0 or step == config.max_steps):
+        log_metrics(metrics, step)
+    progress.update(1)
+    postfix = {"loss": f"{metrics['train/loss']:.4f}", "gap": f"{metrics['train/loss_gap']:.4f}"}
+    if fbp is not None:
+        postfix["sigma"] = " ".join(f"{s:.2f}" for s in fbp.sigma.tolist())
+    progress.set_postfix(postfix, refresh=False)
+
+
+def _sample_grid(
+    model: _Model,
+    prompts: list[tuple[str, str]],
+    config: TrainingConfig,
+    step: int,
+    log_artifact: ArtifactCallback | None,
+) -> None:
+    sample_validation_grid(
+        model.components,
+        model.unet,
+        model.accelerator,
+        model.ema,
+        model.trainable,
+        prompts,
+        config,
+        step,
+        model.dtype,
+        log_artifact,
+    )
 
 
 def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_processes: int) -> dict[str, object]:
@@ -167,132 +557,58 @@ def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_proc
         "resolution": config.resolution,
         "lora_rank": config.lora_rank,
         "use_ema": config.use_ema,
+        "checkpoint_format": CHECKPOINT_FORMAT,
     }
 
 
-def _out_of_memory_message(config: TrainingConfig, step: int) -> str:
-    options = []
-    if config.batch_size > 1:
-        options.append(
-            f"a smaller training.batch_size (now {config.batch_size}; raise gradient_accumulation_steps to keep "
-            "the global batch)"
-        )
-    if not config.gradient_checkpointing:
-        options.append("training.gradient_checkpointing: true")
-    if config.mixed_precision == "no":
-        options.append("training.mixed_precision: bf16 (or fp16)")
-    if config.use_ema:
-        options.append("training.use_ema: false (the EMA holds a second copy of the weights)")
-    if config.lora_rank is None:
-        options.append("training.lora_rank: 8 (LoRA adapters instead of full fine-tuning)")
-    options.append(f"a lower training.resolution (now {config.resolution})")
-    return f"out of memory at step {step}; settings that reduce memory: " + "; ".join(options)
+def _resume(
+    accelerator: Accelerator, config: TrainingConfig, identity: dict[str, object], state: _LoopState, root: Path
+) -> Path | None:
+    """Loads the checkpoint ``training.resume`` names, if any; else sets an earlier run's checkpoints aside.
 
-
-def _save_checkpoint(
-    accelerator: Accelerator, root: Path, step: int, position: dict[str, Any], extra: dict[str, Any], keep: int
-) -> None:
-    """Model, optimiser, LR scheduler, gradient scaler and RNG states (accelerate), plus ours."""
-    partial = root / f"checkpoint-{step}.partial"
-    if accelerator.is_main_process:
-        partial_folder(root, step)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(extra, partial / _EXTRA_STATE)
-        commit_checkpoint(partial, position)
-        prune_checkpoints(root, keep)
-    accelerator.wait_for_everyone()
-
-
-def _validation_prompts(samples: pd.DataFrame, attributes: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
-    """One training prompt per subgroup, ``(attribute=group, prompt)``."""
-    prompts = []
-    for attribute, groups in attributes.items():
-        for group in groups:
-            rows = samples[samples[attribute] == group]
-            if len(rows):
-                prompts.append((f"{attribute}={group}", str(rows["prompt"].iloc[0])))
-    return prompts
-
-
-@torch.no_grad()
-def _log_validation(
-    pipeline: Any,
-    prompts: list[tuple[str, str]],
-    config: TrainingConfig,
-    step: int,
-    dtype: torch.dtype,
-    log_artifact: ArtifactCallback | None,
-) -> Path:
-    """A grid (one row per subgroup) of generated samples, saved and handed to ``log_artifact``."""
-    pipeline.set_progress_bar_config(disable=True)
-    device = pipeline.unet.device
-    rows = []
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for _, prompt in prompts:
-            generators = [
-                torch.Generator(device).manual_seed(config.seed + i) for i in range(config.validation_images_per_group)
-            ]
-            rows.append(
-                pipeline(
-                    [prompt] * len(generators),
-                    num_inference_steps=config.validation_inference_steps,
-                    height=config.resolution,
-                    width=config.resolution,
-                    generator=generators,
-                ).images
+    ``accelerator.load_state`` restores the model, optimiser, LR scheduler, scaler and RNG
+    states and every object registered for checkpointing (loop state, FBP controller, EMA).
+    """
+    resume_from = find_resume_checkpoint(config.resume, root)
+    main = accelerator.is_main_process
+    if resume_from is None:
+        if main and (previous := set_aside_checkpoints(root)):
+            logger.warning(
+                "starting afresh: the checkpoints of an earlier run in this output_dir are now in %s", previous
             )
-    size = config.resolution
-    grid = Image.new("RGB", (size * config.validation_images_per_group, size * len(rows)))
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid.paste(image, (c * size, r * size))
-    folder = Path(config.output_dir) / "validation" / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    grid.save(folder / "grid.png")
-    (folder / "rows.json").write_text(
-        json.dumps([{"row": i, "group": g, "prompt": p} for i, (g, p) in enumerate(prompts)])
-    )
-    if log_artifact is not None:
-        log_artifact(folder, f"training/validation/step-{step:06d}")
-    return folder
+        return None
+    position = load_checkpoint(accelerator, resume_from, identity)
+    state.step, state.loss = int(position["step"]), float(position["loss"])
+    if main:
+        logger.info("resuming from %s at step %d", resume_from, state.step)
+    return resume_from
 
 
-def _validate(
-    components: tuple[Any, Any, Any, Any, Any],
-    unet: Any,
-    accelerator: Accelerator,
-    ema: Any,
-    trainable: list[torch.nn.Parameter],
-    prompts: list[tuple[str, str]],
-    config: TrainingConfig,
-    step: int,
-    dtype: torch.dtype,
-    log_artifact: ArtifactCallback | None,
-) -> None:
-    tokenizer, text_encoder, vae, _, noise_scheduler = components
-    model = accelerator.unwrap_model(unet)
-    pipeline = assemble_pipeline(tokenizer, text_encoder, vae, model, noise_scheduler)
-    model.eval()
-    if ema is not None:
-        # As diffusers does: sample with the EMA weights, then put the trained ones back.
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    try:
-        _log_validation(pipeline, prompts, config, step, dtype, log_artifact)
-    finally:
-        if ema is not None:
-            ema.restore(trainable)
-        model.train()
+def _checkpoint_due(config: TrainingConfig, step: int) -> bool:
+    every = config.checkpoint_every
+    return every is not None and (step % every == 0 or step == config.max_steps)
+
+
+def _checkpoint_position(
+    state: _LoopState, config: TrainingConfig, batches_per_epoch: int, num_processes: int, identity: dict[str, object]
+) -> dict[str, Any]:
+    """The ``training_state.json`` of a checkpoint: where the run stands, and which run it is."""
+    micro = state.step * config.gradient_accumulation_steps
+    return {
+        "step": state.step,
+        "loss": state.loss,
+        "epoch": micro // batches_per_epoch,
+        "batch_in_epoch": micro % batches_per_epoch,
+        "num_processes": num_processes,
+        "identity": identity,
+    }
 
 
 def _save_pipeline(
     model_dir: Path,
     pretrained: str,
     allow_download: bool,
-    components: tuple[Any, Any, Any, Any, Any],
+    components: ModelComponents,
     unet: Any,
     config: TrainingConfig,
 ) -> str | None:
@@ -324,6 +640,46 @@ def _save_pipeline(
     return None if lora_dir is None else str(lora_dir)
 
 
+def _save_outputs(
+    model: _Model, fbp: FBPController | None, pretrained: str, allow_download: bool, config: TrainingConfig
+) -> str | None:
+    """The trained pipeline (EMA weights when kept) and the FBP trajectory; returns the LoRA folder."""
+    final_unet = model.accelerator.unwrap_model(model.unet)
+    if model.ema is not None:
+        model.ema.copy_to(model.trainable)
+    model_dir = Path(config.output_dir) / "pipeline"
+    lora_dir = _save_pipeline(model_dir, pretrained, allow_download, model.components, final_unet, config)
+    if fbp is not None:
+        trajectory = {
+            "weight_names": fbp.weight_names,
+            "steps": [asdict(r) for r in fbp.steps],
+            "windows": [asdict(w) for w in fbp.windows],
+        }
+        (Path(config.output_dir) / "fbp_trajectory.json").write_text(json.dumps(trajectory))
+    return lora_dir
+
+
+def _out_of_memory_message(config: TrainingConfig, step: int) -> str:
+    options = []
+    if config.batch_size > 1:
+        options.append(
+            f"a smaller training.batch_size (now {config.batch_size}; raise gradient_accumulation_steps to keep "
+            "the global batch)"
+        )
+    if not config.gradient_checkpointing:
+        options.append("training.gradient_checkpointing: true")
+    if config.mixed_precision == "no":
+        options.append("training.mixed_precision: bf16 (or fp16)")
+    if config.use_ema:
+        options.append("training.use_ema: false (the EMA holds a second copy of the weights)")
+    if config.lora_rank is None:
+        options.append("training.lora_rank: 8 (LoRA adapters instead of full fine-tuning)")
+    options.append(f"a lower training.resolution (now {config.resolution})")
+    return f"out of memory at step {step}; settings that reduce memory: " + "; ".join(options)
+
+
+# Over 80 lines only through its docstring (about 75 without): the one function that reads
+# top to bottom like diffusers' train_text_to_image.py (set-up, loop, save), each part a helper above.
 def train_unet(
     samples: pd.DataFrame,
     attributes: Mapping[str, Sequence[str]],
@@ -336,7 +692,9 @@ def train_unet(
     """Fine-tune the UNet of a pipeline on the training rows and save the pipeline.
 
     Runs in every process of an ``accelerate launch`` / ``torchrun`` job as well as in
-    a plain process; only the main process logs and writes the pipeline.
+    a plain process; only the main process logs and writes the pipeline. The process's
+    accelerate state is used as it is (never reset): a process that trains twice with
+    different ``mixed_precision`` must reset it itself.
 
     Args:
         samples: Training rows of the sample table (``image_path``, ``prompt``, attributes).
@@ -360,328 +718,80 @@ def train_unet(
     """
     started = time.perf_counter()
     accelerator = _make_accelerator(config)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
     set_seed(config.seed)
-    components = load_training_components(pretrained, allow_download, seed=config.seed, device=accelerator.device)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = components
-    if config.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    unet.to(accelerator.device)
-    trainable = _prepare_unet(unet, config, weight_dtype)
-
-    ema = None
-    if config.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(trainable, decay=config.ema_decay)
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
-    from diffusers.optimization import get_scheduler
-
-    # accelerate steps a prepared scheduler once per process (diffusers scales the same way).
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps * world,
-        num_training_steps=config.max_steps * world,
-    )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-
+    model = _build_model(pretrained, allow_download, config, accelerator)
+    tokenizer = model.components.tokenizer
     dataset = FundusPromptDataset(
         samples, attributes, tokenizer, config.resolution, config.center_crop, config.random_flip, config.seed
     )
-    micro_batch = config.batch_size * world
-    if len(dataset) < micro_batch:
-        raise TrainingError(
-            f"training.batch_size {config.batch_size} x {world} processes = {micro_batch} exceeds the "
-            f"{len(dataset)} training rows"
-        )
-    batches_per_epoch = len(dataset) // micro_batch
-    prompts = _validation_prompts(samples, attributes) if config.validation_every else []
-
-    fbp = None
-    if config.method == "fair":
-        # rank=0 on every process: each draws the eps of the whole global batch from the
-        # same stream and keeps its slice (see the module docstring).
-        fbp = FBPController(
-            attributes,
-            window=config.fair_time_window,
-            exploitation_rate=config.fair_exploitation_rate,
-            ucb_beta=config.ucb_beta,
-            seed=config.seed,
-            rank=0,
-            fit_lag=config.fair_fit_lag,
-        )
-    # The loop's own generator, never the global one: a background GP fit forks the
-    # global CPU generator (see fbp._fit_and_maximise).
-    noise_generator = torch.Generator(accelerator.device).manual_seed(config.seed)
-
+    batches_per_epoch = _batches_per_epoch(len(dataset), config, world)
+    prompts = build_validation_prompts(samples, attributes) if config.sampling.every else []
+    fbp = _make_fbp(attributes, config)
+    state = _LoopState(torch.Generator(accelerator.device).manual_seed(config.seed))
+    # accelerate saves and loads these with its own state, by position: the run identity
+    # (method, use_ema) guarantees a resumed run registers the same ones.
+    accelerator.register_for_checkpointing(state, *(o for o in (fbp, model.ema) if o is not None))
     checkpoint_root = Path(config.output_dir) / "checkpoints"
     identity = _run_identity(dataset, config, world)
-    resume_from = find_resume_checkpoint(config.resume, checkpoint_root)
-    step, loss_value = 0, float("nan")
-    windows: list[dict[str, object]] = []
-    warned: dict[str, str] = {}
-    if resume_from is not None:
-        position = read_state(resume_from)
-        differing = [key for key, value in identity.items() if position["identity"].get(key) != value]
-        if differing:
-            raise TrainingError(
-                f"training.resume: {resume_from} was written by a run with different {', '.join(differing)}; "
-                "set training.resume: null to start afresh (its checkpoints are then moved to checkpoints.previous)"
-            )
-        accelerator.load_state(str(resume_from))
-        extra = torch.load(resume_from / _EXTRA_STATE, map_location="cpu", weights_only=True)
-        noise_generator.set_state(extra["noise_generator"])
-        if fbp is not None:
-            fbp.load_state_dict(extra["fbp"])
-        if ema is not None:
-            ema.load_state_dict(extra["ema"])
-        step, loss_value = int(position["step"]), float(position["loss"])
-        windows, warned = extra["windows"], extra["warned"]
-        if main:
-            logger.info("resuming from %s at step %d", resume_from, step)
-    elif main and (previous := set_aside_checkpoints(checkpoint_root)):
-        logger.warning("starting afresh: the checkpoints of an earlier run in this output_dir are now in %s", previous)
+    resume_from = _resume(accelerator, config, identity, state, checkpoint_root)
     accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.to(accelerator.device)
+    if model.ema is not None:
+        model.ema.to(accelerator.device)
 
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    loop_started = time.perf_counter()
-    step_seconds: list[float] = []
-    checkpoint_seconds = validation_seconds = 0.0
-    epoch, start_batch = divmod(step * config.gradient_accumulation_steps, batches_per_epoch)
-    step_losses: list[torch.Tensor] = []
-    step_groups: list[torch.Tensor] = []
-    step_weights: list[torch.Tensor] = []
-    progress = tqdm(total=config.max_steps, initial=step, disable=not main, desc="training", dynamic_ncols=True)
+    buffer, clock = _StepBuffer(), _Clock()
+    progress = tqdm(total=config.max_steps, initial=state.step, disable=not main, desc="training", dynamic_ncols=True)
+    warn = partial(_warn_fbp, progress) if main else None
     try:
-        step_started = time.perf_counter()
-        while step < config.max_steps:
-            dataset.set_epoch(epoch)
-            sampler = GlobalBatchSampler(len(dataset), config.batch_size, world, rank, config.seed, epoch, start_batch)
-            loader = DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=config.dataloader_num_workers,
-                pin_memory=accelerator.device.type == "cuda",
-                generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch)),
+        for global_groups, batch in _micro_batches(dataset, config, accelerator, state.step):
+            losses, weights = _train_step(
+                model, batch, global_groups, fbp, state.noise_generator, config, state.step + 1
             )
-            for batch_index, batch in enumerate(loader, start=start_batch):
-                global_groups = dataset.groups[sampler.global_indices(batch_index)]
-                with accelerator.accumulate(unet):
-                    pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-                    with torch.no_grad():
-                        posterior = vae.encode(pixel_values).latent_dist
-                        latent_eps, noise, timesteps = _draw_step_noise(
-                            noise_generator,
-                            posterior.mean.shape,
-                            world,
-                            rank,
-                            noise_scheduler.config.num_train_timesteps,
-                        )
-                        latents = posterior.mean + posterior.std * latent_eps.to(posterior.mean.dtype)
-                        latents = latents * vae.config.scaling_factor
-                        encoder_hidden_states = text_encoder(
-                            batch["input_ids"].to(accelerator.device), return_dict=False
-                        )[0]
-                    noise = noise.to(latents.dtype)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    if noise_scheduler.config.prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                    else:
-                        target = noise
-                    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    if config.snr_gamma is not None:
-                        per_sample = per_sample * _min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
-                    if fbp is not None:
-                        # FBP (Sec. 3.2): loss = mean_i w_i * mse_i with w_i = 1 + sum_a sigma_g * eps.
-                        global_weights = fbp.sample_weights(global_groups)
-                        local = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
-                        loss = (global_weights[local].to(per_sample.device) * per_sample).mean()
-                    else:
-                        global_weights = torch.ones(len(global_groups))
-                        loss = per_sample.mean()
-                    micro_loss = float(loss.detach())
-                    if not math.isfinite(micro_loss):
-                        raise TrainingError(
-                            f"training loss became {micro_loss} at step {step + 1}; lower training.learning_rate "
-                            "or check the data"
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                step_losses.append(per_sample.detach())
-                step_groups.append(global_groups)
-                step_weights.append(global_weights)
-                if not accelerator.sync_gradients:
-                    continue
+            buffer.add(losses, global_groups, weights)
+            if not accelerator.sync_gradients:
+                continue
 
-                step += 1
-                if ema is not None:
-                    ema.step(trainable)
-                # Every process sees the global batch, so every process holds the same sigma.
-                all_losses = _gather_in_global_order(accelerator, step_losses).float().cpu()
-                all_groups = torch.cat(step_groups)
-                # The global batch's loss, as one process holding it would compute it.
-                loss_value = float((torch.cat(step_weights) * all_losses).mean())
-                step_losses, step_groups, step_weights = [], [], []
-                group_metrics, gaps = _group_metrics(all_losses, all_groups, attributes)
-                metrics = {"train/loss": loss_value, "train/lr": float(lr_scheduler.get_last_lr()[0])}
-                metrics |= group_metrics | {f"train/loss_gap/{a}": gap for a, gap in gaps.items()}
-                metrics["train/loss_gap"] = sum(gaps.values())
-                must_log = False
-                if fbp is not None:
-                    result = fbp.observe(all_losses, all_groups)
-                    metrics["fbp/objective"] = result.y
-                    metrics |= {f"fbp/gap/{a}": gap for a, gap in result.gaps.items()}
-                    if result.window_closed:
-                        window: dict[str, object] = {
-                            # 1-based training steps: when the window closed, when its sigma took over.
-                            "step": fbp.windows[-1].step + 1,
-                            "applied_step": step,
-                            "acquisition": result.acquisition_value,
-                            "gaps": result.gaps,
-                        }
-                        window |= {"fit_failed": result.fit_failed, "reason": result.fit_failure_reason}
-                        windows.append(window)
-                        if result.acquisition_value is not None:
-                            metrics["fbp/acquisition"] = result.acquisition_value
-                        metrics["fbp/window_gap"] = sum(result.gaps.values())
-                        findings = diagnose_windows(fbp.windows, fbp.weight_names, config.fair_warn_windows)
-                        for key, message in findings.items():
-                            if key not in warned:
-                                warned[key] = f"step {step}: {message}"
-                                if main:
-                                    logger.warning("Fair Bayesian Perturbation: %s", warned[key])
-                                    progress.write(f"WARNING Fair Bayesian Perturbation: {warned[key]}")
-                        metrics["fbp/warnings"] = float(len(warned))
-                        must_log = True
-                    metrics |= {
-                        f"fbp/sigma/{name.replace('=', '/')}": value
-                        for name, value in zip(fbp.weight_names, result.sigma, strict=True)
-                    }
-                if (
-                    log_metrics is not None
-                    and main
-                    and (must_log or step % config.log_every == 0 or step == config.max_steps)
-                ):
-                    log_metrics(metrics, step)
-                progress.update(1)
-                postfix = {"loss": f"{loss_value:.4f}", "gap": f"{metrics['train/loss_gap']:.4f}"}
-                if fbp is not None:
-                    postfix["sigma"] = " ".join(f"{s:.2f}" for s in fbp.sigma.tolist())
-                progress.set_postfix(postfix, refresh=False)
-                now = time.perf_counter()
-                step_seconds.append(now - step_started)
+            state.step += 1
+            metrics, window_closed = _finish_step(model, buffer, fbp, state, attributes, config, warn)
+            _report_step(metrics, state.step, window_closed, config, log_metrics if main else None, progress, fbp)
+            clock.step_done()
 
-                if config.checkpoint_every is not None and (
-                    step % config.checkpoint_every == 0 or step == config.max_steps
-                ):
-                    micro = step * config.gradient_accumulation_steps
-                    position = {
-                        "step": step,
-                        "loss": loss_value,
-                        "epoch": micro // batches_per_epoch,
-                        "batch_in_epoch": micro % batches_per_epoch,
-                        "num_processes": world,
-                        "identity": identity,
-                    }
-                    extra = {
-                        "noise_generator": noise_generator.get_state(),
-                        "fbp": None if fbp is None else fbp.state_dict(),
-                        "ema": None if ema is None else ema.state_dict(),
-                        "windows": windows,
-                        "warned": warned,
-                    }
-                    _save_checkpoint(
-                        accelerator, checkpoint_root, step, position, extra, config.checkpoints_total_limit
-                    )
-                    checkpoint_seconds += time.perf_counter() - now
-                if config.validation_every is not None and step % config.validation_every == 0:
-                    validation_started = time.perf_counter()
+            if _checkpoint_due(config, state.step):
+                with clock.aside("checkpoint"):
+                    position = _checkpoint_position(state, config, batches_per_epoch, world, identity)
+                    save_checkpoint(accelerator, checkpoint_root, position, config.checkpoints_total_limit)
+            if config.sampling.every is not None and state.step % config.sampling.every == 0:
+                with clock.aside("validation"):
                     if main:
-                        _validate(
-                            components,
-                            unet,
-                            accelerator,
-                            ema,
-                            trainable,
-                            prompts,
-                            config,
-                            step,
-                            weight_dtype,
-                            log_artifact,
-                        )
+                        _sample_grid(model, prompts, config, state.step, log_artifact)
                     accelerator.wait_for_everyone()
-                    validation_seconds += time.perf_counter() - validation_started
-                step_started = time.perf_counter()
-                if step >= config.max_steps:
-                    break
-            epoch, start_batch = epoch + 1, 0
+            clock.next_step()
     except torch.OutOfMemoryError:
-        raise TrainingError(_out_of_memory_message(config, step + 1)) from None
+        raise TrainingError(_out_of_memory_message(config, state.step + 1)) from None
     finally:
         progress.close()
         if fbp is not None:
             fbp.close()
-    loop_seconds = time.perf_counter() - loop_started
+    loop_seconds = time.perf_counter() - clock.started
     peak_memory = torch.cuda.max_memory_allocated(accelerator.device) if accelerator.device.type == "cuda" else None
 
     accelerator.wait_for_everyone()
-    model_dir = Path(config.output_dir) / "pipeline"
-    lora_dir = None
-    if main:
-        final_unet = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(trainable)
-        lora_dir = _save_pipeline(model_dir, pretrained, allow_download, components, final_unet, config)
-        if fbp is not None:
-            (Path(config.output_dir) / "fbp_trajectory.json").write_text(
-                json.dumps(
-                    {
-                        "weight_names": fbp.weight_names,
-                        "steps": [asdict(r) for r in fbp.steps],
-                        "windows": [asdict(w) for w in fbp.windows],
-                    }
-                )
-            )
+    lora_dir = _save_outputs(model, fbp, pretrained, allow_download, config) if main else None
     accelerator.wait_for_everyone()
-    steady = step_seconds[WARMUP_STEPS:] if len(step_seconds) > WARMUP_STEPS else step_seconds
-    steady_seconds = float(sum(steady))
-    samples_per_step = micro_batch * config.gradient_accumulation_steps
-    timing = TrainingTiming(
-        loop_seconds=loop_seconds,
-        steady_steps=len(steady),
-        steady_seconds=steady_seconds,
-        median_step_seconds=float(np.median(steady)) if steady else 0.0,
-        samples_per_second=samples_per_step * len(steady) / steady_seconds if steady_seconds > 0 else 0.0,
-        fbp_seconds=fbp.busy_seconds if fbp is not None else 0.0,
-        checkpoint_seconds=checkpoint_seconds,
-        validation_seconds=validation_seconds,
-        peak_memory_bytes=peak_memory,
-    )
+    samples_per_step = config.batch_size * world * config.gradient_accumulation_steps
     return TrainingResult(
-        model_dir=str(model_dir),
+        model_dir=str(Path(config.output_dir) / "pipeline"),
         method=config.method,
-        steps=step,
-        final_loss=loss_value,
+        steps=state.step,
+        final_loss=state.loss,
         seconds=time.perf_counter() - started,
         sigma_names=list(fbp.weight_names) if fbp else [],
         final_sigma=[float(s) for s in fbp.sigma] if fbp else None,
-        windows=windows,
-        warnings=list(warned.values()),
+        windows=state.windows,
+        warnings=list(state.warned.values()),
         resumed_from=None if resume_from is None else str(resume_from),
         lora_dir=lora_dir,
-        timing=timing,
+        timing=clock.timing(loop_seconds, samples_per_step, fbp.busy_seconds if fbp else 0.0, peak_memory),
     )

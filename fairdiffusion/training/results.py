@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 #: Steps at the start of a session left out of the steady-state timing (compilation,
 #: allocator warm-up, the first batches' file cache misses).
@@ -38,6 +39,36 @@ class TrainingTiming:
 
 
 @dataclass(frozen=True)
+class FBPWindowSummary:
+    """One closed FBP window as training reports it (1-based training steps).
+
+    The controller's own record (:class:`fairdiffusion.training.fbp.FBPWindowRecord`,
+    0-based, with the sigma it chose) goes to ``fbp_trajectory.json``; this is the
+    summary in the :class:`TrainingResult`, with each attribute's loss gap.
+
+    Attributes:
+        step: The training step that closed the window.
+        applied_step: The training step whose update first used the window's sigma.
+        acquisition: UCB value at the chosen sigma; ``None`` when the fit failed.
+        gaps: Loss gap (max - min group mean loss) per attribute at the closing step.
+        fit_failed: Whether the window closed without a usable GP optimum.
+        reason: Why the fit was skipped or failed, else ``None``.
+    """
+
+    step: int
+    applied_step: int
+    acquisition: float | None
+    gaps: dict[str, float]
+    fit_failed: bool = False
+    reason: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FBPWindowSummary:
+        """The inverse of ``dataclasses.asdict``."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class TrainingResult:
     """Where the trained pipeline is and how training went."""
 
@@ -48,7 +79,7 @@ class TrainingResult:
     seconds: float
     sigma_names: list[str]
     final_sigma: list[float] | None
-    windows: list[dict[str, object]]
+    windows: list[FBPWindowSummary]
     #: Signs that FBP is not working (sigma at a bound, a flat loss gap), once each.
     warnings: list[str] = field(default_factory=list)
     #: The checkpoint this run continued from, if it resumed.
@@ -60,3 +91,15 @@ class TrainingResult:
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingResult:
+        """The inverse of :meth:`to_dict` (what the launcher reads back from its processes)."""
+        timing = data.get("timing")
+        return cls(
+            **data
+            | {
+                "windows": [FBPWindowSummary.from_dict(w) for w in data["windows"]],
+                "timing": None if timing is None else TrainingTiming(**timing),
+            }
+        )

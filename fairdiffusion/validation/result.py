@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: How many offending rows a failure message names at most.
-
 
 @dataclass(frozen=True)
 class FailedExpectation:

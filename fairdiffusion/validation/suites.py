@@ -390,30 +390,8 @@ def validate_dataset(
         images = inspect_images(samples, schema, config.workers)
         suites.run("images", images, _image_checks(config, schema), "file")
     suites.run("group_counts", group_counts, _count_checks(group_counts["minimum"].tolist()), "slice")
-    main_label = config.main_label or schema.main_label
-    if main_label in samples.columns and "split" in samples.columns:
-        classes = schema.labels.get(main_label) or sorted(samples[main_label].dropna().astype(str).unique())
-        balance = count_classes(samples, attributes, split_sets, main_label, classes)
-        minimum = config.min_class_count
-        rule = f"each group has every class of {main_label} (at least {minimum} each), in training and in test"
-        suites.run("class_balance", balance, [_Check(_gx_between("count", min_value=minimum), rule)], "slice")
-    shifts: list[ShareShift] = []
-    if reference is not None:
-        shifts = compare_shares(counts, reference.group_counts, attributes, config.acknowledged_shifts)
-        shares = pd.DataFrame(
-            {
-                "change": [f"{s.slice} {s.share_before:.1%} -> {s.share_now:.1%}" for s in shifts],
-                "shift": [s.shift for s in shifts],
-                "acknowledged": [s.acknowledged is not None for s in shifts],
-            }
-        )
-        limit = config.max_share_shift
-        rule = (
-            f"no group's share moves by more than {limit * 100:g} percentage points since {reference.label} "
-            "unless acknowledged in validation.acknowledged_shifts"
-        )
-        moved = _gx_between("shift", max_value=limit, row_condition="not acknowledged", condition_parser="pandas")
-        suites.run("group_shares", shares, [_Check(moved, rule)], "change")
+    _run_class_balance(suites, samples, attributes, schema, config, split_sets)
+    shifts = _run_share_shifts(suites, counts, reference, attributes, config) if reference is not None else []
     docs = suites.build_docs()
     excluded = excluded if excluded is not None else pd.DataFrame(columns=["subject", "reason"])
     return ValidationResult(
@@ -430,6 +408,49 @@ def validate_dataset(
         share_shifts=shifts,
         data_docs=docs,
     )
+
+
+def _run_class_balance(
+    suites: _Suites,
+    samples: pd.DataFrame,
+    attributes: Mapping[str, Sequence[str]],
+    schema: SampleSchema,
+    config: ValidationConfig,
+    split_sets: Mapping[str, list[str]],
+) -> None:
+    main_label = config.main_label or schema.main_label
+    if main_label not in samples.columns or "split" not in samples.columns:
+        return
+    classes = schema.labels.get(main_label) or sorted(samples[main_label].dropna().astype(str).unique())
+    balance = count_classes(samples, attributes, split_sets, main_label, classes)
+    minimum = config.min_class_count
+    rule = f"each group has every class of {main_label} (at least {minimum} each), in training and in test"
+    suites.run("class_balance", balance, [_Check(_gx_between("count", min_value=minimum), rule)], "slice")
+
+
+def _run_share_shifts(
+    suites: _Suites,
+    counts: Mapping[str, Mapping[str, int]],
+    reference: ReferenceCounts,
+    attributes: Mapping[str, Sequence[str]],
+    config: ValidationConfig,
+) -> list[ShareShift]:
+    shifts = compare_shares(counts, reference.group_counts, attributes, config.acknowledged_shifts)
+    shares = pd.DataFrame(
+        {
+            "change": [f"{s.slice} {s.share_before:.1%} -> {s.share_now:.1%}" for s in shifts],
+            "shift": [s.shift for s in shifts],
+            "acknowledged": [s.acknowledged is not None for s in shifts],
+        }
+    )
+    limit = config.max_share_shift
+    rule = (
+        f"no group's share moves by more than {limit * 100:g} percentage points since {reference.label} "
+        "unless acknowledged in validation.acknowledged_shifts"
+    )
+    moved = _gx_between("shift", max_value=limit, row_condition="not acknowledged", condition_parser="pandas")
+    suites.run("group_shares", shares, [_Check(moved, rule)], "change")
+    return shifts
 
 
 def _gx_between(column: str, **kwargs: Any) -> Any:

@@ -11,8 +11,10 @@ from fairdiffusion.config import (
     FAIRGENMED_ATTRIBUTES,
     PipelineConfig,
     TrackingConfig,
+    TrainingConfig,
     config_to_dict,
     load_config,
+    parse_config,
 )
 from fairdiffusion.errors import ConfigError
 
@@ -40,7 +42,7 @@ def test_load_valid_config(tmp_path: Path) -> None:
     assert config.evaluation.extractor.name == "randcnn" and config.evaluation.extractor.dim == 16
     assert config.gate.policy == Path("policies/strict.yaml") and config.gate.require_approval is True
     # Omitted keys take their defaults.
-    assert config.training.fair_time_window == 30
+    assert config.training.fbp.time_window == 30
     assert config.data.attributes == FAIRGENMED_ATTRIBUTES
     assert config_to_dict(config)["validation"]["image_shape"] == [32, 32]
 
@@ -137,3 +139,47 @@ def test_environment_tracking_uri_wins(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert TrackingConfig().resolved_tracking_uri() == f"sqlite:///{(tmp_path / 'env.db').resolve()}"
+
+
+@pytest.mark.parametrize(
+    ("old", "value", "new"),
+    [
+        ("fair_time_window", 30, "training.fbp.time_window"),
+        ("fair_exploitation_rate", 0.95, "training.fbp.exploitation_rate"),
+        ("ucb_beta", 0.1, "training.fbp.ucb_beta"),
+        ("fair_fit_lag", 1, "training.fbp.fit_lag"),
+        ("fair_warn_windows", 5, "training.fbp.warn_windows"),
+        ("validation_every", 10, "training.sampling.every"),
+        ("validation_images_per_group", 2, "training.sampling.images_per_group"),
+        ("validation_inference_steps", 20, "training.sampling.inference_steps"),
+    ],
+)
+def test_a_moved_training_key_names_its_new_place(tmp_path: Path, old: str, value: object, new: str) -> None:
+    path = write_yaml(tmp_path / "old.yaml", {"training": {"max_steps": 4, old: value}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert f"training.{old} moved to {new}" in str(info.value)
+
+
+def test_every_moved_key_is_reported_at_once_and_in_python_too() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"training": {"fair_time_window": 2, "validation_every": 5}}, source="old.yaml")
+    assert "training.fair_time_window moved to training.fbp.time_window" in str(info.value)
+    assert "training.validation_every moved to training.sampling.every" in str(info.value)
+    with pytest.raises(ValueError, match="training.fair_fit_lag moved to training.fbp.fit_lag"):
+        TrainingConfig(fair_fit_lag=1)
+
+
+def test_fbp_and_sampling_sections() -> None:
+    training = parse_config(
+        {"training": {"fbp": {"time_window": 4, "fit_lag": 3}, "sampling": {"every": 2, "images_per_group": 1}}}
+    ).training
+    assert (training.fbp.time_window, training.fbp.fit_lag, training.fbp.exploitation_rate) == (4, 3, 0.95)
+    assert (training.sampling.every, training.sampling.images_per_group, training.sampling.inference_steps) == (
+        2,
+        1,
+        20,
+    )
+    with pytest.raises(ConfigError, match=r"training\.fbp: .*fit_lag 4 must be below time_window 4"):
+        parse_config({"training": {"fbp": {"time_window": 4, "fit_lag": 4}}})

@@ -16,7 +16,7 @@ from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, PipelineConfig, load_con
 from fairdiffusion.evaluation.metric_keys import flatten_metrics
 from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.evaluation.slices import equity_scaled
-from fairdiffusion.registry import lineage
+from fairdiffusion.registry import lineage, schema
 from fairdiffusion.training.results import TrainingResult
 
 EXTRACTOR = "randcnn8"
@@ -47,11 +47,11 @@ def register_candidate(
 ) -> lineage.PromotionOutcome:
     """Open a run like the pipeline does, then run stage 5 (gate, register, promote)."""
     tags = {
-        "fd.data.dvc_md5": data_md5,
-        "fd.data.data_dvc_commit": "0" * 40,
-        "fd.data.path": "data",
-        "fd.code.git_commit": "1" * 40,
-        "fd.code.dirty": "false",
+        schema.DATA_MD5: data_md5,
+        schema.DATA_DVC_COMMIT: "0" * 40,
+        schema.DATA_PATH: "data",
+        schema.CODE_GIT_COMMIT: "1" * 40,
+        schema.CODE_DIRTY: "false",
     }
     run_id = tracking.start_run(config.tracking, "candidate", tags)
     tracking.log_metrics(config.tracking, run_id, metrics)

@@ -79,6 +79,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "name": "permissive-test",
                 "absolute": {"min_slice_size": 3, "max_es_fid": 1.0e6, "max_group_fid_gap": 1.0e6},
                 "non_regression": {"fid_overall": 0.5, "es_fid": 0.5},
+                # Plumbing tests on a random tiny model: the base-model rule is tested on the demo.
+                "reference": {"beat_base_model": False},
             }
         )
     )
@@ -94,7 +96,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "output_dir": str(root / "train"),
             "max_steps": 4,
             "batch_size": 4,
-            "fair_time_window": 2,
+            "fbp": {"time_window": 2},
             "log_every": 2,
         },
         "evaluation": {

@@ -26,6 +26,7 @@ import yaml
 
 from fairdiffusion.config import load_config
 from fairdiffusion.registry import promotion as registry
+from fairdiffusion.registry import schema
 
 sys.path.insert(0, str(Path(__file__).parent))
 from candidates import GOOD_GROUPS, make_metrics, register_candidate  # noqa: E402
@@ -103,6 +104,8 @@ def setup(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 "name": "registry-test",
                 "absolute": {"min_slice_size": 5, "max_es_fid": 100.0, "max_group_fid_gap": 5.0},
                 "non_regression": {"fid_overall": 0.10, "es_fid": 0.10},
+                # Plumbing tests on a random tiny model: the base-model rule is tested on the demo.
+                "reference": {"beat_base_model": False},
             }
         )
     )
@@ -133,29 +136,29 @@ def _champion(setup: dict) -> str | None:
 
 def test_first_model_is_judged_by_absolute_rules_and_becomes_champion(setup, tiny_pipeline_dir, server):
     outcome = register_candidate(load_config(setup["config"]), tiny_pipeline_dir, make_metrics(10.0))
-    assert (outcome.version, outcome.status, outcome.compared_with_version) == ("1", "champion", None)
+    assert (outcome.version, outcome.status, outcome.compared_with_version) == ("1", schema.STATUS_CHAMPION, None)
     # Read back over the REST API, as an outside client (or the MLflow UI) would.
     version = _get(f"{server}/api/2.0/mlflow/model-versions/get?name={MODEL}&version=1")["model_version"]
     tags = {t["key"]: t["value"] for t in version["tags"]}
-    assert tags["fd.gate.passed"] == "true" and tags["fd.status"] == "champion"
-    assert tags["fd.data.dvc_md5"] == "md5-v1" and len(tags["fd.gate.policy_hash"]) == 64
-    assert tags["fd.decision.latest"] == "pass"
+    assert tags[schema.GATE_PASSED] == "true" and tags[schema.STATUS] == schema.STATUS_CHAMPION
+    assert tags[schema.DATA_MD5] == "md5-v1" and len(tags[schema.GATE_POLICY_HASH]) == 64
+    assert tags[schema.LATEST_DECISION] == schema.DECISION_PASS
     assert "PASSED the fairness gate" in version["description"]
-    alias = _get(f"{server}/api/2.0/mlflow/registered-models/alias?name={MODEL}&alias=champion")
+    alias = _get(f"{server}/api/2.0/mlflow/registered-models/alias?name={MODEL}&alias={schema.CHAMPION}")
     assert alias["model_version"]["version"] == "1"
 
 
 def test_failing_candidate_lists_every_violation_and_champion_stays(setup, tiny_pipeline_dir):
     outcome = register_candidate(load_config(setup["config"]), tiny_pipeline_dir, make_metrics(10.0, BAD_GROUPS))
-    assert outcome.status == "rejected" and not outcome.promoted
+    assert outcome.status == schema.STATUS_REJECTED and not outcome.promoted
     assert outcome.compared_with_version == "1"
     joined = " | ".join(outcome.reasons)
     assert "ES-FID on race" in joined and "largest FID gap between race groups" in joined
     assert "es_fid_randcnn8/race 240 vs champion v1" in joined  # non-regression is reported too
     assert _champion(setup) == "1"
     lineage = registry.read_lineage(load_config(setup["config"]).tracking, version=outcome.version)
-    assert lineage["aliases"] == ["candidate"] and lineage["gate"]["passed"] is False
-    assert [d["decision"] for d in lineage["decisions"]] == ["fail"]
+    assert lineage.aliases == [schema.CANDIDATE] and lineage.gate.passed is False
+    assert [d.decision for d in lineage.decisions] == [schema.DECISION_FAIL]
 
 
 @pytest.mark.parametrize(
@@ -173,14 +176,14 @@ def test_gate_fails_closed(setup, tiny_pipeline_dir, case, expected):
     if case == "nan":
         metrics["fid_randcnn8/race/Asian"] = math.nan
     outcome = register_candidate(config, tiny_pipeline_dir, metrics, evaluated_md5=evaluated)
-    assert outcome.status == "rejected"
+    assert outcome.status == schema.STATUS_REJECTED
     assert any(expected in reason for reason in outcome.reasons), outcome.reasons
     assert _champion(setup) == "1"
 
 
 def test_approval_waits_then_promotes_and_records_the_approver(setup, tiny_pipeline_dir):
     outcome = register_candidate(load_config(setup["approval"]), tiny_pipeline_dir, make_metrics(10.0))
-    assert outcome.status == "awaiting-approval" and not outcome.promoted
+    assert outcome.status == schema.STATUS_AWAITING_APPROVAL and not outcome.promoted
     assert _champion(setup) == "1"
     done = _cli(
         "approve",
@@ -195,7 +198,11 @@ def test_approval_waits_then_promotes_and_records_the_approver(setup, tiny_pipel
     assert done.returncode == 0, done.stderr
     assert _champion(setup) == outcome.version
     record = registry.decision_history(load_config(setup["config"]).tracking, version=outcome.version)[-1]
-    assert (record.decision, record.actor, record.reasons) == ("approval", "alice", ["reviewed subgroup grids"])
+    assert (record.decision, record.actor, record.reasons) == (
+        schema.DECISION_APPROVAL,
+        "alice",
+        ["reviewed subgroup grids"],
+    )
     assert (record.champion_before, record.champion_after) == ("1", outcome.version)
 
     refused = _cli("approve", "--version", "2", "--reason", "looks fine", "-c", str(setup["config"]))
@@ -217,16 +224,21 @@ def test_override_needs_force_and_reason_and_is_recorded_then_rollback(setup):
     assert forced.returncode == 0, forced.stderr
     assert _champion(setup) == "2"
     record = registry.decision_history(load_config(config).tracking, version="2")[-1]
-    assert record.decision == "override" and record.actor == "bob"
+    assert record.decision == schema.DECISION_OVERRIDE and record.actor == "bob"
     assert record.reasons == ["clinical sign-off", "gate FAILED for this version"]
 
     back = _cli("rollback", "--reason", "override withdrawn", "-c", config, actor="carol")
     assert back.returncode == 0, back.stderr
     assert _champion(setup) == before
     last = registry.decision_history(load_config(config).tracking)[-1]
-    assert (last.decision, last.version, last.champion_before, last.actor) == ("rollback", before, "2", "carol")
+    assert (last.decision, last.version, last.champion_before, last.actor) == (
+        schema.DECISION_ROLLBACK,
+        before,
+        "2",
+        "carol",
+    )
     again = _cli("rollback", "--reason", "again", "-c", config)
-    assert again.returncode == 1 and "no previous-champion" in again.stderr
+    assert again.returncode == 1 and f"no {schema.PREVIOUS_CHAMPION}" in again.stderr
 
 
 def test_concurrent_promotions_keep_champion_passing_and_every_record(setup, tiny_pipeline_dir):
@@ -254,9 +266,9 @@ def test_concurrent_promotions_keep_champion_passing_and_every_record(setup, tin
     # Serialised by the promotion lock: each decision saw the champion the previous one left.
     for earlier, later in zip(new, new[1:], strict=False):
         assert later.champion_before == earlier.champion_after
-    champion = registry.read_lineage(tracking, alias="champion")
-    assert champion["gate"]["passed"] is True
-    assert not any(m["name"].endswith(".promotion-lock") for m in _registered_models(setup))
+    champion = registry.read_lineage(tracking, alias=schema.CHAMPION)
+    assert champion.gate.passed is True
+    assert not any(m["name"].endswith(schema.LOCK_SUFFIX) for m in _registered_models(setup))
 
 
 def _registered_models(setup: dict) -> list[dict]:
@@ -271,9 +283,16 @@ def test_audit_history_and_page_show_every_decision(setup):
     history = _cli("audit", "--history", "--json", "-c", config)
     assert history.returncode == 0, history.stderr
     records = json.loads(history.stdout)
-    assert {"pass", "fail", "approval", "override", "rollback"} <= {r["decision"] for r in records}
+    every_kind = {
+        schema.DECISION_PASS,
+        schema.DECISION_FAIL,
+        schema.DECISION_APPROVAL,
+        schema.DECISION_OVERRIDE,
+        schema.DECISION_ROLLBACK,
+    }
+    assert every_kind <= {r["decision"] for r in records}
     assert [r["at"] for r in records] == sorted(r["at"] for r in records)
-    assert all(len(r["policy_hash"]) == 64 for r in records if r["decision"] == "pass")
+    assert all(len(r["policy_hash"]) == 64 for r in records if r["decision"] == schema.DECISION_PASS)
 
     page = setup["root"] / "audit.html"
     done = _cli("audit", "--version", "2", "--report", str(page), "-c", config)
@@ -289,7 +308,7 @@ def test_champion_loads_as_pyfunc_and_generates(setup):
 
     mlflow.set_tracking_uri(load_config(setup["config"]).tracking.resolved_tracking_uri())
     try:
-        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@{schema.CHAMPION}")
         images = model.predict(
             pd.DataFrame({"prompt": ["SLO fundus image of a Black patient", "x"]}), params={"num_inference_steps": 2}
         )

@@ -84,7 +84,7 @@ def test_a_classifier_trained_on_generated_images_reads_real_ones() -> None:
     generated, real = labelled_images(samples, seed=3), labelled_images(samples, seed=4)
     config = ClinicalConfig(labels=["glaucoma", "md_severity"], resolution=16, epochs=12, batch_size=16)
     result = evaluate_clinical_semantics(
-        generated, real, samples, ATTRS, config, SliceSettings(resamples=40, min_slice_size=20, seed=0)
+        generated, samples, real, samples, ATTRS, config, SliceSettings(resamples=40, min_slice_size=20, seed=0)
     )
     assert result is not None
     assert result.classes["md_severity"] == ["normal", "mild", "moderate", "severe"]
@@ -181,7 +181,29 @@ def test_default_labels_are_the_fairgenmed_ones_the_table_has() -> None:
     samples = make_samples(n=24)
     images = labelled_images(samples, seed=9)
     settings = SliceSettings(resamples=0)
-    result = evaluate_clinical_semantics(images, images, samples, ATTRS, ClinicalConfig(epochs=1), settings)
+    result = evaluate_clinical_semantics(images, samples, images, samples, ATTRS, ClinicalConfig(epochs=1), settings)
     assert result is not None and list(result.classes) == ["glaucoma", "md_severity"]
     other_format = samples.drop(columns=["glaucoma", "md_severity"]).assign(diagnosis="x")
-    assert evaluate_clinical_semantics(images, images, other_format, ATTRS, ClinicalConfig(), settings) is None
+    assert (
+        evaluate_clinical_semantics(images, other_format, images, other_format, ATTRS, ClinicalConfig(), settings)
+        is None
+    )
+
+
+def test_the_classifier_trains_on_training_prompts_and_is_tested_on_other_subjects() -> None:
+    """The paper's protocol: train rows and test rows are different subjects; AUC is on the test rows."""
+    train, test = make_samples(n=60, seed=5), make_samples(n=30, seed=6)
+    config = ClinicalConfig(labels=["glaucoma"], resolution=16, epochs=8, batch_size=16)
+    result = evaluate_clinical_semantics(
+        labelled_images(train, seed=1),
+        train,
+        labelled_images(test, seed=2),
+        test,
+        ATTRS,
+        config,
+        SliceSettings(resamples=0),
+    )
+    assert result is not None
+    assert (result.train_images, result.test_images) == (60, 30)
+    assert result.analysis.slices["overall"]["num_samples"] == 30
+    assert result.analysis.slices["overall"]["glaucoma"] > 0.8

@@ -28,6 +28,11 @@ ATTRS = {"race": ["Asian", "Black", "White"], "gender": ["Female", "Male"], "eth
 RESOLUTION = 32
 
 
+def train_rows(root: Path) -> pd.DataFrame:
+    """The training rows whose prompts the clinical classifier's images come from."""
+    return load_fairgenmed(root, ["train"]).head(24).reset_index(drop=True)
+
+
 def eval_config(output_dir: Path, **overrides: object) -> EvaluationConfig:
     values: dict[str, object] = {
         "output_dir": output_dir,
@@ -78,7 +83,15 @@ def evaluated(
 ) -> tuple[EvaluationReport, pd.DataFrame, EvaluationConfig]:
     samples = load_fairgenmed(demo_dataset, ["test"]).reset_index(drop=True)
     config = eval_config(tmp_path_factory.mktemp("eval"))
-    report = evaluate_model(str(tiny_pipeline_dir), samples, ATTRS, RESOLUTION, config, data_version="md5-test")
+    report = evaluate_model(
+        str(tiny_pipeline_dir),
+        samples,
+        ATTRS,
+        RESOLUTION,
+        config,
+        data_version="md5-test",
+        train_samples=train_rows(demo_dataset),
+    )
     return report, samples, config
 
 
@@ -156,9 +169,19 @@ def test_metrics_follow_the_key_conventions_and_the_gate_keys_stay(evaluated) ->
     assert "antialiased" in str(report.protocol["resize"])
 
 
-def test_a_second_evaluation_of_the_same_model_reuses_the_cache(evaluated, tiny_pipeline_dir: Path) -> None:
+def test_a_second_evaluation_of_the_same_model_reuses_the_cache(
+    evaluated, tiny_pipeline_dir: Path, demo_dataset: Path
+) -> None:
     report, samples, config = evaluated
-    again = evaluate_model(str(tiny_pipeline_dir), samples, ATTRS, RESOLUTION, config, data_version="md5-test")
+    again = evaluate_model(
+        str(tiny_pipeline_dir),
+        samples,
+        ATTRS,
+        RESOLUTION,
+        config,
+        data_version="md5-test",
+        train_samples=train_rows(demo_dataset),
+    )
     assert again.protocol["generation"] == {"cached": True}
     assert again.protocol["cache_key"] == report.protocol["cache_key"]
     image_keys = [k for k in report.metrics if "auc" not in k]

@@ -17,7 +17,7 @@ from fairdiffusion.data.fairgenmed import build_prompt
 from fairdiffusion.errors import ConfigError
 from fairdiffusion.models import loading as models
 from fairdiffusion.models import presets
-from fairdiffusion.models.loading import load_pipeline, load_training_components, resolve_pretrained
+from fairdiffusion.models.loading import ModelComponents, load_pipeline, load_training_components, resolve_pretrained
 from fairdiffusion.models.tiny import build_tiny_pipeline
 
 WEIGHT_FILES = [
@@ -85,6 +85,13 @@ def test_training_components_load(tiny_pipeline_dir: Path) -> None:
     assert isinstance(scheduler, DDPMScheduler) and scheduler.config.num_train_timesteps == 1000
     assert isinstance(unet, UNet2DConditionModel) and isinstance(vae, AutoencoderKL)
     assert tokenizer.model_max_length == 77
+
+
+def test_training_components_are_named(tiny_pipeline_dir: Path) -> None:
+    components = load_training_components(str(tiny_pipeline_dir))
+    assert isinstance(components, ModelComponents)
+    assert components.unet is components[3] and isinstance(components.noise_scheduler, DDPMScheduler)
+    assert components._fields == ("tokenizer", "text_encoder", "vae", "unet", "noise_scheduler")
 
 
 def test_tokenizer_max_length(tokenizer: CLIPTokenizer) -> None:

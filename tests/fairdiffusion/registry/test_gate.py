@@ -32,6 +32,8 @@ def make_policy(
                 "max_group_fid_gap": max_group_fid_gap,
             },
             "non_regression": {"fid_overall": regression_tolerance, "es_fid": regression_tolerance},
+            # The reference rules have tests of their own below.
+            "reference": {"beat_base_model": False},
         }
     )
 
@@ -289,3 +291,81 @@ def test_min_es_auc_needs_the_auc_and_meets_the_floor() -> None:
     low = decide(make_metrics() | {"es_auc_smallcnn/glaucoma/race": 0.6}, config=policy)
     assert not low.passed and "es_auc_smallcnn/glaucoma/race 0.6 < 0.7" in low.reasons[0]
     assert decide(make_metrics() | {"es_auc_smallcnn/glaucoma/race": 0.8}, config=policy).passed
+
+
+# --- Reference rules and scale-free ceilings -------------------------------------------------
+
+
+def reference_policy(**reference: object) -> GatePolicy:
+    raw = CONFIG.model_dump(mode="json")
+    raw["reference"] = {"beat_base_model": True} | reference
+    return GatePolicy.model_validate(raw)
+
+
+def with_base(metrics: dict[str, float], base: float, ci_high: float) -> dict[str, float]:
+    return metrics | {f"ref_base_fid_{X}/overall": base, f"ci_high/fid_{X}/overall": ci_high}
+
+
+def test_a_candidate_beating_its_base_model_beyond_the_interval_passes() -> None:
+    decision = decide(with_base(make_metrics(overall=10.0), base=20.0, ci_high=12.0), config=reference_policy())
+    assert decision.passed, decision.reasons
+    assert ("beat_base_model", f"fid_{X}/overall") in [(c.rule, c.metric) for c in decision.checks]
+
+
+def test_a_candidate_no_better_than_its_base_model_is_rejected_with_the_rule_named() -> None:
+    """A 1-step fine-tune: its point FID may be a little lower, but its interval reaches the base's."""
+    decision = decide(with_base(make_metrics(overall=10.0), base=10.5, ci_high=11.0), config=reference_policy())
+    assert not decision.passed
+    assert failed_rules(decision) == [("beat_base_model", f"fid_{X}/overall")]
+    assert "not better than the model it started from" in decision.reasons[0]
+
+
+def test_an_unmeasured_base_model_fails_closed() -> None:
+    decision = decide(make_metrics(), config=reference_policy())
+    assert failed_rules(decision) == [("beat_base_model", f"ref_base_fid_{X}/overall")]
+
+
+def test_fid_over_floor_ceiling() -> None:
+    metrics = with_base(make_metrics(), base=20.0, ci_high=11.0) | {f"fid_over_floor_{X}/overall": 4.0}
+    assert decide(metrics, config=reference_policy(max_fid_over_floor=5.0)).passed
+    assert failed_rules(decide(metrics, config=reference_policy(max_fid_over_floor=3.0))) == [
+        ("max_fid_over_floor", f"fid_over_floor_{X}/overall")
+    ]
+
+
+def test_scale_free_ceilings_read_the_same_at_any_fid_scale() -> None:
+    """D / FID and gap / FID do not change when every FID is multiplied by 10."""
+    raw = CONFIG.model_dump(mode="json")
+    raw["absolute"] |= {"max_es_fid": None, "max_group_fid_gap": None, "max_relative_disparity": 0.3}
+    policy = GatePolicy.model_validate(raw)
+    small = make_metrics()
+    large = make_metrics(overall=100.0, groups={a: {g: v * 10 for g, v in gs.items()} for a, gs in GOOD_GROUPS.items()})
+    for metrics in (small, large):
+        metrics |= {
+            f"fid_rel_disparity_{X}/{a}": equity_scaled(
+                metrics[f"fid_{X}/overall"], {g: metrics[f"fid_{X}/{a}/{g}"] for g in GOOD_GROUPS[a]}, False
+            )["relative_disparity"]
+            for a in GOOD_GROUPS
+        }
+    # race: D / FID = 4 / 10 = 0.4 > 0.3 at both scales; gender 0.1 and ethnicity 0.2 pass.
+    for metrics in (small, large):
+        assert failed_rules(decide(metrics, config=policy)) == [
+            ("max_relative_disparity", f"fid_rel_disparity_{X}/race")
+        ]
+
+
+def test_relative_gap_uses_matched_sizes_and_fails_closed_when_missing() -> None:
+    raw = CONFIG.model_dump(mode="json")
+    raw["absolute"] |= {"max_relative_gap": {"race": 0.25}}
+    policy = GatePolicy.model_validate(raw)
+    metrics = make_metrics()
+    assert failed_rules(decide(metrics, config=policy)) == [
+        ("metric_present", f"fid_gap_matched_{X}/race"),
+        ("metric_present", f"fid_matched_overall_{X}/race"),
+    ]
+    metrics |= {f"fid_gap_matched_{X}/race": 2.0, f"fid_matched_overall_{X}/race": 10.0}
+    assert decide(metrics, config=policy).passed
+    metrics[f"fid_gap_matched_{X}/race"] = 3.0
+    assert failed_rules(decide(metrics, config=policy)) == [
+        ("max_relative_gap", f"fid_gap_matched_{X}/race / fid_matched_overall_{X}/race")
+    ]

@@ -56,7 +56,7 @@ def two_process_config(output_dir: Path, processes: int, batch_size: int, **over
         "output_dir": str(output_dir),
         "batch_size": batch_size,
         "max_steps": 6,
-        "fair_time_window": 3,
+        "fbp": {"time_window": 3},
         "log_every": 1,
         "checkpoint_every": None,
         "distributed": {"num_processes": processes, "launcher": "torchrun", "main_process_port": free_port()},
@@ -94,7 +94,7 @@ def test_two_processes_hold_the_sigma_of_one_process_with_the_same_global_batch(
         assert x["y"] == pytest.approx(y["y"], rel=1e-4, abs=1e-6), "the summed loss gap"
         assert x["sigma"] == pytest.approx(y["sigma"], abs=1e-5)
     for x, y in zip(two.windows, one.windows, strict=True):
-        assert x["gaps"] == pytest.approx(y["gaps"], rel=1e-4, abs=1e-6)
+        assert x.gaps == pytest.approx(y.gaps, rel=1e-4, abs=1e-6)
     assert two.final_sigma == pytest.approx(one.final_sigma, abs=1e-5)
     assert two.final_loss == pytest.approx(one.final_loss, rel=1e-4)
 

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -49,7 +51,7 @@ def config(output_dir: Path, method: str, seed: int = 0, **overrides: object) ->
         "batch_size": 4,
         "max_steps": 4,
         "log_every": 2,
-        "fair_time_window": 2,
+        "fbp": {"time_window": 2},
         "seed": seed,
     }
     return TrainingConfig(**(values | overrides))
@@ -113,7 +115,7 @@ def test_fair_result_records_sigma_and_windows(runs: dict[str, Run]) -> None:
     assert result.sigma_names == [f"{a}={g}" for a, gs in FAIRGENMED_ATTRIBUTES.items() for g in gs]
     assert result.final_sigma is not None and len(result.final_sigma) == 7
     assert all(0.0 <= s <= 1.0 for s in result.final_sigma)
-    assert [w["step"] for w in result.windows] == [2, 4]
+    assert [w.step for w in result.windows] == [2, 4]
     json.dumps(result.to_dict())
     baseline = runs["baseline"].result
     assert baseline.sigma_names == [] and baseline.final_sigma is None and baseline.windows == []
@@ -211,9 +213,7 @@ def test_training_options_run_on_the_cpu(train_samples: pd.DataFrame, tiny_pipel
             lr_warmup_steps=1,
             center_crop=False,
             resolution=24,
-            validation_every=2,
-            validation_images_per_group=1,
-            validation_inference_steps=2,
+            sampling={"every": 2, "images_per_group": 1, "inference_steps": 2},
         ),
         log_artifact=lambda folder, path: uploaded.append((folder, path)),
     )
@@ -276,8 +276,7 @@ def resume_config(output_dir: Path, fit_lag: int, **overrides: object) -> Traini
         "max_steps": 8,
         "checkpoint_every": 4,
         "checkpoints_total_limit": 2,
-        "fair_time_window": 2,
-        "fair_fit_lag": fit_lag,
+        "fbp": {"time_window": 2, "fit_lag": fit_lag},
         "use_ema": True,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 2,
@@ -363,6 +362,33 @@ def test_resume_refuses_an_incomplete_or_foreign_checkpoint(
             pipeline,
             config(tmp_path / "c", "fair", max_steps=2, seed=1, resume="latest"),
         )
+
+
+def test_checkpoint_holds_the_loop_fbp_and_ema_state_as_accelerate_objects(
+    train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    train_unet(
+        train_samples,
+        FAIRGENMED_ATTRIBUTES,
+        str(tiny_pipeline_dir),
+        config(tmp_path, "fair", max_steps=1, checkpoint_every=1, use_ema=True),
+    )
+    folder = tmp_path / "checkpoints" / "checkpoint-1"
+    names = {p.name for p in folder.iterdir()}
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"} <= names
+    assert "fairdiffusion_state.pt" not in names  # no hand-written state beside accelerate's
+    loop_state, fbp_state = (torch.load(folder / f"custom_checkpoint_{i}.pkl", weights_only=False) for i in (0, 1))
+    assert set(loop_state) == {"noise_generator", "windows", "warned"}
+    assert fbp_state["step"] == 1
+
+
+def test_a_callers_accelerate_set_up_is_never_reset(
+    train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    Accelerator(cpu=True, mixed_precision="bf16")  # the caller's own set-up
+    with pytest.raises(TrainingError, match="conflicts with the accelerate set-up"):
+        train_unet(train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), config(tmp_path, "baseline"))
+    assert AcceleratorState().mixed_precision == "bf16"
 
 
 @pytest.mark.gpu

@@ -1,0 +1,321 @@
+"""The demo's base model: a tiny Stable Diffusion the project pretrains itself, seeded.
+
+The paper fine-tunes a *pretrained* Stable Diffusion. No such weights can be fetched here,
+so the project builds its own stand-in once (``fairdiffusion base build`` / ``make base``),
+versions it with DVC next to the data (``base-model.dvc``) and every run pulls it:
+
+- the VAE (``AutoencoderKL``) is trained as an autoencoder on the pretraining set;
+- the UNet (``UNet2DConditionModel``) is trained to denoise that set's latents, conditioned
+  on its prompts (10% left empty, so classifier-free guidance works, as in SD);
+- the CLIP text encoder stays randomly initialised and frozen: distinct tokens still give
+  distinct embeddings, which is all the conditioning needs;
+- the domain feature extractor for FID (:mod:`fairdiffusion.models.extractor`) is trained on
+  the same set and ships in ``extractor/``.
+
+The pretraining set (:mod:`fairdiffusion.data.pretraining`) is generic fundus images with no
+demographic signal; the demo dataset is never seen here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from fairdiffusion.data.pretraining import generate_pretraining_set
+from fairdiffusion.errors import ConfigError
+from fairdiffusion.models.extractor import FundusDecoder, FundusEncoder, save_extractor
+from fairdiffusion.models.tiny import tokenizer_vocabulary
+
+logger = logging.getLogger(__name__)
+
+#: Written into the bundle: how it was built, and what its training reached.
+BUILD_FILE = "fairdiffusion_base.json"
+_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BaseBuildSpec:
+    """Sizes, steps and seed of the base bundle; the defaults are what ``base-model.dvc`` holds."""
+
+    resolution: int = 32
+    images: int = 2000
+    seed: int = 0
+    batch_size: int = 32
+    vae_batch_size: int = 16
+    vae_steps: int = 400
+    unet_steps: int = 1500
+    extractor_steps: int = 600
+    extractor_dim: int = 64
+    unet_channels: tuple[int, int] = (32, 64)
+    prompt_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class BaseBuildResult:
+    """Where the bundle is, and how its parts trained."""
+
+    bundle_dir: str
+    seconds: dict[str, float]
+    final_losses: dict[str, float]
+    scaling_factor: float
+
+
+def _as_rgb(images: np.ndarray) -> torch.Tensor:
+    """Grayscale uint8 N x H x W -> float N x 3 x H x W in [-1, 1]."""
+    x = torch.from_numpy(images).float().div(127.5).sub(1.0)
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):  # noqa: ANN202
+    for _ in range(steps):
+        yield torch.randint(0, count, (batch_size,), generator=generator)
+
+
+def build_vae(resolution: int) -> AutoencoderKL:
+    """Three levels (two downsamples): 32-px images to 8 x 8 x 4 latents.
+
+    Narrow at full resolution (16 channels), where a CPU spends most of its time.
+    """
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=resolution,
+    )
+
+
+def build_unet(resolution: int, channels: tuple[int, int], cross_attention_dim: int) -> UNet2DConditionModel:
+    """A two-level UNet on 8 x 8 latents, cross-attention (the prompt) on the upper level."""
+    return UNet2DConditionModel(
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_text_encoder() -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The tiny pipeline's tokenizer and a random CLIP text encoder, to stay frozen."""
+    vocab, merges = tokenizer_vocabulary()
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=64,
+        )
+    )
+    # Built from in-memory files, a CLIPTokenizer has no model_max_length; set it.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77), encoder
+
+
+def train_vae(images: torch.Tensor, spec: BaseBuildSpec, generator: torch.Generator) -> tuple[AutoencoderKL, float]:
+    """Reconstruction (MSE) plus a small KL term, as an SD-style VAE without its GAN loss."""
+    vae = build_vae(spec.resolution)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=spec.vae_steps, pct_start=0.1)
+    loss_value = float("nan")
+    for rows in _batches(len(images), spec.vae_batch_size, spec.vae_steps, generator):
+        x = images[rows]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        loss_value = float(loss.detach())
+    return vae.eval().requires_grad_(False), loss_value
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Latent means and stds of every image, and the scaling factor that gives them unit variance."""
+    means, stds = [], []
+    for start in range(0, len(images), 128):
+        posterior = vae.encode(images[start : start + 128]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    mean = torch.cat(means)
+    return mean, torch.cat(stds), float(1.0 / mean.std())
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+    """Hidden states of each prompt, padded to 77 tokens exactly as the pipeline pads them."""
+    states = []
+    for start in range(0, len(prompts), 256):
+        ids = tokenizer(
+            prompts[start : start + 256], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        states.append(encoder(ids)[0])
+    return torch.cat(states)
+
+
+def train_unet(
+    latents: tuple[torch.Tensor, torch.Tensor, float],
+    text: tuple[torch.Tensor, torch.Tensor],
+    spec: BaseBuildSpec,
+    generator: torch.Generator,
+) -> tuple[UNet2DConditionModel, float]:
+    """Denoising (epsilon prediction) on the pretraining latents, with prompt dropout for guidance."""
+    mean, std, scaling = latents
+    states, empty = text
+    unet = build_unet(spec.resolution, spec.unet_channels, states.shape[-1])
+    scheduler = DDPMScheduler(**_SCHEDULE)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=spec.unet_steps, pct_start=0.05)
+    loss_value = float("nan")
+    for rows in _batches(len(mean), spec.batch_size, spec.unet_steps, generator):
+        z = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)) * scaling
+        noise = torch.randn(z.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
+        dropped = torch.rand(len(rows), generator=generator) < spec.prompt_dropout
+        context = torch.where(dropped[:, None, None], empty, states[rows])
+        prediction = unet(scheduler.add_noise(z, noise, t), t, context).sample
+        loss = F.mse_loss(prediction, noise)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        loss_value = float(loss.detach())
+    return unet.eval(), loss_value
+
+
+def train_extractor(
+    images: torch.Tensor, spec: BaseBuildSpec, generator: torch.Generator
+) -> tuple[FundusEncoder, float]:
+    """The FID encoder, as the bottleneck of an autoencoder on the pretraining images."""
+    encoder = FundusEncoder(spec.extractor_dim, spec.resolution)
+    decoder = FundusDecoder(spec.extractor_dim, spec.resolution)
+    parameters = [*encoder.parameters(), *decoder.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=spec.extractor_steps)
+    loss_value = float("nan")
+    for rows in _batches(len(images), spec.batch_size, spec.extractor_steps, generator):
+        x = images[rows]
+        loss = F.mse_loss(decoder(encoder((x + 1) / 2)), x)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        loss_value = float(loss.detach())
+    return encoder.eval().requires_grad_(False), loss_value
+
+
+def _timed(seconds: dict[str, float], name: str, progress: Progress, work: Callable[[], object]) -> object:
+    progress(f"base model: {name} ...")
+    started = time.perf_counter()
+    out = work()
+    seconds[name] = round(time.perf_counter() - started, 1)
+    progress(f"base model: {name} done in {seconds[name]:.0f} s")
+    return out
+
+
+def check_bundle_resolution(source: str, resolution: int) -> None:
+    """Refuse, before training, a pipeline folder built for another image size than ``resolution``.
+
+    Raises:
+        ConfigError: naming both sizes and the files they come from.
+    """
+    folder = Path(source)
+    vae_file, unet_file = folder / "vae" / "config.json", folder / "unet" / "config.json"
+    if not vae_file.is_file() or not unet_file.is_file():
+        return  # not a local diffusers folder: from_pretrained reports what is wrong
+    vae, unet = json.loads(vae_file.read_text()), json.loads(unet_file.read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    built = int(unet["sample_size"]) * factor
+    if built != resolution:
+        raise ConfigError(
+            f"model.pretrained: training.resolution is {resolution}, but {folder} was built for {built} x {built} "
+            f"images ({unet_file} sample_size {unet['sample_size']} x the VAE's downsampling {factor}); "
+            "set training.resolution to match, or build a bundle for that size"
+        )
+
+
+def build_base_bundle(
+    out_dir: str | Path, spec: BaseBuildSpec | None = None, progress: Progress = logger.info
+) -> BaseBuildResult:
+    """Pretrain the base bundle and write it with ``save_pretrained`` (safetensors).
+
+    Args:
+        out_dir: The bundle folder (created; replaced if it exists).
+        spec: Sizes, steps and seed; the defaults are the versioned bundle's.
+        progress: Receives one line per phase.
+    """
+    spec = spec or BaseBuildSpec()
+    out = Path(out_dir)
+    seconds: dict[str, float] = {}
+    torch.manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+    data = _timed(
+        seconds, "pretraining set", progress, lambda: generate_pretraining_set(spec.images, spec.resolution, spec.seed)
+    )
+    images = _as_rgb(data.images)  # type: ignore[attr-defined]
+    vae, vae_loss = _timed(seconds, "vae", progress, lambda: train_vae(images, spec, generator))  # type: ignore[misc]
+    latents = encode_latents(vae, images)
+    tokenizer, text_encoder = build_text_encoder()
+    text_encoder.requires_grad_(False).eval()
+    states = encode_prompts(tokenizer, text_encoder, data.prompts)  # type: ignore[attr-defined]
+    empty = encode_prompts(tokenizer, text_encoder, [""])
+    unet, unet_loss = _timed(seconds, "unet", progress, lambda: train_unet(latents, (states, empty), spec, generator))  # type: ignore[misc]
+    encoder, enc_loss = _timed(seconds, "extractor", progress, lambda: train_extractor(images, spec, generator))  # type: ignore[misc]
+    vae.register_to_config(scaling_factor=latents[2])
+    _save_bundle(out, (tokenizer, text_encoder, vae, unet), encoder)
+    result = BaseBuildResult(str(out), seconds, {"vae": vae_loss, "unet": unet_loss, "extractor": enc_loss}, latents[2])
+    (out / BUILD_FILE).write_text(
+        json.dumps({"spec": asdict(spec), "result": asdict(result) | {"bundle_dir": None}}, indent=2) + "\n"
+    )
+    return result
+
+
+def _save_bundle(
+    out: Path, parts: tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel], encoder: FundusEncoder
+) -> None:
+    tokenizer, text_encoder, vae, unet = parts
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    save_extractor(encoder, out)

@@ -1,0 +1,106 @@
+"""Every name that MLflow holds for the pipeline, defined once: tags, aliases, artifacts, statuses.
+
+The pipeline writes these names and ``approve``, ``rollback``, ``audit`` and the next
+run's skip check read them back; a name typed twice could drift apart and break those
+readers silently. Nothing outside this module spells an ``fd.`` key
+(``tests/fairdiffusion/registry/test_schema.py`` checks).
+"""
+
+from __future__ import annotations
+
+# Tags on the pipeline run. The data and code tags are also copied onto the model version.
+DATA_TAG_PREFIX = "fd.data."
+DATA_MD5 = "fd.data.dvc_md5"
+DATA_DVC_COMMIT = "fd.data.data_dvc_commit"
+DATA_PATH = "fd.data.path"
+DATA_DVC_FILE = "fd.data.dvc_file"
+BASE_TAG_PREFIX = "fd.base."
+BASE_MD5 = "fd.base.dvc_md5"
+BASE_DVC_COMMIT = "fd.base.base_dvc_commit"
+BASE_PATH = "fd.base.path"
+BASE_DVC_FILE = "fd.base.dvc_file"
+CODE_TAG_PREFIX = "fd.code."
+CODE_GIT_COMMIT = "fd.code.git_commit"
+CODE_DIRTY = "fd.code.dirty"
+CONFIG_SHA256 = "fd.config.sha256"
+SKIPPED = "fd.skipped"
+SKIP_REASON = "fd.skip.reason"
+VALIDATION_SUCCESS = "fd.validation.success"
+VALIDATION_FAILED_EXPECTATIONS = "fd.validation.failed_expectations"
+VALIDATION_FORMAT = "fd.validation.format"
+VALIDATION_EXCLUDED = "fd.validation.excluded"
+VALIDATION_SYNTHETIC = "fd.validation.synthetic"
+VALIDATION_REFERENCE = "fd.validation.reference"
+VALIDATION_ACKNOWLEDGED_SHIFTS = "fd.validation.acknowledged_shifts"
+TRAINING_METHOD = "fd.training.method"
+REGISTRY_VERSION = "fd.registry.version"
+
+# Tags on the model version: the gate's verdict, the status, and the latest decision.
+GATE_PASSED = "fd.gate.passed"
+GATE_REASONS = "fd.gate.reasons"
+GATE_POLICY = "fd.gate.policy"
+GATE_POLICY_FILE = "fd.gate.policy_file"
+GATE_POLICY_HASH = "fd.gate.policy_hash"
+GATE_COMPARED_WITH_VERSION = "fd.gate.compared_with_version"
+GATE_DECIDED_AT = "fd.gate.decided_at"
+STATUS = "fd.status"
+LATEST_DECISION = "fd.decision.latest"
+LATEST_DECISION_AT = "fd.decision.latest_at"
+LATEST_DECISION_ACTOR = "fd.decision.latest_actor"
+LATEST_DECISION_REASONS = "fd.decision.latest_reasons"
+LATEST_DECISION_AUDIT_RUN = "fd.decision.latest_audit_run"
+
+# Tags on an audit run (one immutable run per decision, in the audit experiment).
+AUDIT_MODEL = "fd.audit.model"
+AUDIT_VERSION = "fd.audit.version"
+AUDIT_DECISION = "fd.audit.decision"
+AUDIT_ACTOR = "fd.audit.actor"
+AUDIT_AT = "fd.audit.at"
+AUDIT_REASONS = "fd.audit.reasons"
+AUDIT_DATA_MD5 = "fd.audit.data_md5"
+AUDIT_POLICY_HASH = "fd.audit.policy_hash"
+AUDIT_CHAMPION_BEFORE = "fd.audit.champion_before"
+AUDIT_CHAMPION_AFTER = "fd.audit.champion_after"
+
+# The run parameter holding the training method (the resolved config, flattened).
+TRAINING_METHOD_PARAM = "training.method"
+
+# Aliases of the registered model, and the suffix of its promotion lock's name.
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+PREVIOUS_CHAMPION = "previous-champion"
+LOCK_SUFFIX = ".promotion-lock"
+
+# Artifacts of the pipeline run.
+CONFIG_ARTIFACT = "lineage/config.json"
+DATA_VERSION_ARTIFACT = "lineage/data_version.json"
+VALIDATION_ARTIFACT = "lineage/validation.json"
+TRAINING_ARTIFACT = "lineage/training.json"
+GATE_POLICY_ARTIFACT = "lineage/gate_policy.yaml"
+GATE_DECISION_ARTIFACT = "lineage/gate_decision.json"
+DATA_DOCS_DIR = "validation/data_docs"
+TRAINING_DIR = "training"
+#: The folder ``fairdiffusion report --version N`` downloads; it holds the files below.
+EVALUATION_DIR = "evaluation"
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_ARTIFACT = f"{EVALUATION_DIR}/{EVALUATION_JSON}"
+EVALUATION_MARKDOWN_ARTIFACT = f"{EVALUATION_DIR}/report.md"
+EVALUATION_HTML_ARTIFACT = f"{EVALUATION_DIR}/report.html"
+#: The logged pyfunc model's name on the run.
+MODEL_ARTIFACT = "model"
+#: The decision, as JSON, on its audit run.
+DECISION_ARTIFACT = "decision.json"
+
+# A model version's status (the ``fd.status`` tag and ``PromotionOutcome.status``).
+STATUS_CHAMPION = "champion"
+STATUS_AWAITING_APPROVAL = "awaiting-approval"
+STATUS_REJECTED = "rejected"
+#: A run that trained nothing; never on a model version.
+STATUS_SKIPPED = "skipped"
+
+# A decision on a model version (``DecisionRecord.decision``).
+DECISION_PASS = "pass"
+DECISION_FAIL = "fail"
+DECISION_APPROVAL = "approval"
+DECISION_OVERRIDE = "override"
+DECISION_ROLLBACK = "rollback"

@@ -1,0 +1,71 @@
+"""The base bundle builder, on a miniature spec: real classes, saved and loaded the production way."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fairdiffusion.config import ExtractorConfig
+from fairdiffusion.data.pretraining import generate_pretraining_set
+from fairdiffusion.errors import ConfigError
+from fairdiffusion.evaluation.features import build_extractor
+from fairdiffusion.models.base import BaseBuildSpec, build_base_bundle, check_bundle_resolution
+from fairdiffusion.models.loading import load_pipeline
+
+MINI = BaseBuildSpec(images=24, batch_size=4, vae_batch_size=4, vae_steps=2, unet_steps=2, extractor_steps=2)
+
+
+@pytest.fixture(scope="module")
+def mini_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "bundle"
+    build_base_bundle(out, MINI, progress=lambda _: None)
+    return out
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_bundle_loads_as_a_pipeline_and_draws_images(mini_bundle: Path) -> None:
+    pipeline = load_pipeline(str(mini_bundle))
+    pipeline.set_progress_bar_config(disable=True)
+    out = pipeline(["SLO fundus image"], height=32, width=32, num_inference_steps=2, output_type="np").images
+    assert out.shape == (1, 32, 32, 3)
+    assert (mini_bundle / "fairdiffusion_base.json").is_file()
+
+
+def test_the_build_is_reproducible(mini_bundle: Path, tmp_path: Path) -> None:
+    again = build_base_bundle(tmp_path / "again", MINI, progress=lambda _: None)
+    assert _digest(Path(again.bundle_dir)) == _digest(mini_bundle)
+
+
+def test_the_domain_extractor_ships_in_the_bundle(mini_bundle: Path) -> None:
+    extractor = build_extractor(ExtractorConfig(name="domain", weights=mini_bundle))
+    assert extractor.name == "fundus-enc64" and not extractor.has_classifier_head
+    features = extractor(torch.rand(3, 3, 32, 32))
+    assert features.shape == (3, 64) and features.dtype == torch.float64
+    with pytest.raises(ConfigError, match="extractor"):
+        build_extractor(ExtractorConfig(name="domain", weights=mini_bundle.parent / "absent"))
+
+
+def test_a_bundle_of_another_resolution_is_refused_before_training(mini_bundle: Path) -> None:
+    check_bundle_resolution(str(mini_bundle), 32)
+    with pytest.raises(ConfigError, match=r"training.resolution is 64.*built for 32"):
+        check_bundle_resolution(str(mini_bundle), 64)
+
+
+def test_the_pretraining_set_carries_no_demographic_signal() -> None:
+    """Demographic words are drawn independently of the look: brightness does not differ by race word."""
+    data = generate_pretraining_set(300, 32, seed=3)
+    brightness = data.images.reshape(len(data.images), -1).mean(axis=1)
+    by_race = {race: brightness[[f" {race} " in p for p in data.prompts]] for race in ("Asian", "Black", "White")}
+    means = {race: values.mean() for race, values in by_race.items()}
+    spread = brightness.std() / np.sqrt(min(len(v) for v in by_race.values()))
+    assert max(means.values()) - min(means.values()) < 4 * spread
