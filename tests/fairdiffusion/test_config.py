@@ -49,7 +49,7 @@ def test_load_valid_config(tmp_path: Path) -> None:
 
 def test_bundled_demo_config_loads() -> None:
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
-    assert config.evaluation.extractor.name == "randcnn"
+    assert config.evaluation.extractor.name == "domain" and config.model.dvc_file == Path("base-model.dvc")
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
