@@ -14,6 +14,7 @@ Usage: python benchmarks/bench_demo.py [--skip-test] [--keep]
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def main() -> None:
     try:
         timed("install", ["make", "install"], clone, results)
         timed("demo (fair)", ["make", "demo"], clone, results)
+        quality = demo_quality(clone)
         baseline = yaml.safe_load((clone / "configs" / "demo.yaml").read_text())
         baseline["training"]["method"] = "baseline"
         baseline["training"]["output_dir"] = "outputs/train-baseline"
@@ -72,7 +74,20 @@ def main() -> None:
         budget = BUDGETS.get(label)
         within = "" if budget is None else ("yes" if seconds <= budget else "NO")
         print(f"| {label} | {seconds:.1f} | {'' if budget is None else f'{budget:.0f}'} | {within} |")
+    print("\n| the demo's champion | value |\n|---|---:|")
+    for label, value in quality.items():
+        print(f"| {label} | {value:.4g} |")
     sys.stdout.flush()
+
+
+def demo_quality(clone: Path) -> dict[str, float]:
+    """What the demo's model draws (benchmarks/demo_quality.py, run in the clone)."""
+    args = [".venv/bin/python", "benchmarks/demo_quality.py"]
+    done = subprocess.run(args, cwd=clone, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-2000:])
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
