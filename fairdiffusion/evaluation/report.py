@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fairdiffusion.config import EvaluationConfig
+from fairdiffusion.evaluation.metric_keys import reference_keys
 from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
 
@@ -210,6 +211,22 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines
 
 
+def reference_lines(report: EvaluationReport) -> list[str]:
+    """What puts the overall FID on a scale: the base model it started from and the real-vs-real floor."""
+    keys = reference_keys(report.extractor)
+    metrics, fid = report.metrics, report.metrics.get(f"fid_{report.extractor}/{OVERALL}")
+    lines = []
+    if keys["base"] in metrics:
+        lines.append(f"Base model (fine-tuned from): FID {_num(metrics[keys['base']])}; this model: {_num(fid)}")
+    if keys["floor"] in metrics:
+        lines.append(
+            f"Real-vs-real floor (two halves of the real test images): FID {_num(metrics[keys['floor']])}; "
+            f"this model at the same halves: {_num(metrics[keys['half']])} "
+            f"({_num(metrics[keys['over_floor']])} x the floor)"
+        )
+    return lines
+
+
 def render_markdown(report: EvaluationReport, charts: Sequence[str] = ()) -> str:
     """The Markdown summary of an evaluation (images linked, not embedded)."""
     lines = [f"# Evaluation ({report.extractor} features)", ""]
@@ -229,6 +246,8 @@ def render_markdown(report: EvaluationReport, charts: Sequence[str] = ()) -> str
         "",
     ]
     lines += _md_table(*_slice_rows(quality, titles))
+    if reference_lines(report):
+        lines += ["", "## References", ""] + [f"- {line}" for line in reference_lines(report)]
     lines += ["", "## Equity (full sample sizes)", ""]
     lines += _md_table(*_equity_rows(quality, titles))
     if quality.matched:
@@ -464,6 +483,7 @@ def render_html(report: EvaluationReport, charts: Sequence[Path], grids: Mapping
                     f"<li>AUC {html.escape(label)} overall: <b>{_with_ci(auc, bounds)}</b>; worst-off groups: "
                     f"{_worst_groups(report.clinical.analysis, label)}</li>"
                 )
+        parts += [f"<li>{html.escape(line)}</li>" for line in reference_lines(report)]
         flagged = quality.small_slices
         parts.append(
             f"<li>{len(quality.slices)} slices; {len(flagged)} flagged ⚑ with fewer than "
