@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from fairdiffusion import files
 from fairdiffusion.errors import ConfigError
 
 #: FairGenMed's protected attributes and their groups, in the order the paper uses.
@@ -575,16 +575,12 @@ def load_config(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline configuration from YAML.
 
     Raises:
-        ConfigError: if the file is missing, is not YAML, or breaks a rule.
+        ConfigError: if the file is missing, is not UTF-8 text, is not YAML, or breaks a rule.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    return parse_config(raw, source=str(path))
+    return parse_config(files.read_yaml(path, raise_as=ConfigError), source=str(path))
 
 
 def config_to_dict(config: PipelineConfig) -> dict[str, object]:

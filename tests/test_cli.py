@@ -151,3 +151,69 @@ def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "Champion       : fairdiffusion v1 (unchanged)" in printed
     assert f"{schema.SKIPPED}=true" in printed and "--force" in printed
     assert "Gate decision" not in printed
+
+
+def _emptied(root: Path, name: str) -> Path:
+    (root / name).write_bytes(b"")
+    return root / name
+
+
+def _latin1_config(root: Path) -> Path:
+    path = root / "latin1.yaml"
+    path.write_bytes("tracking:\n  model_name: fundus-caf\u00e9\n".encode("latin-1"))
+    return path
+
+
+def _corrupt_workbook(root: Path) -> Path:
+    path = root / "CHEXPERT DEMO.xlsx"
+    path.write_bytes(path.read_bytes()[:1500])
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["empty data_summary.csv", "empty HAM10000_metadata.csv", "latin-1 config", "corrupt CheXpert xlsx"],
+)
+def test_bad_input_catalogue(
+    case: str, valid_dataset: Path, ham10000_dataset: Path, chexpert_dataset: Path, tmp_path: Path
+) -> None:
+    """Each reported bad file: exit 1, one line naming the file, no traceback, nothing written."""
+    data = tmp_path / "data"
+    work = tmp_path / "work"
+    work.mkdir()
+    if case == "empty data_summary.csv":
+        root = Path(shutil.copytree(valid_dataset, data))
+        bad, args, expected = _emptied(root, "data_summary.csv"), ["data", "show", root], "empty file"
+    elif case == "empty HAM10000_metadata.csv":
+        root = Path(shutil.copytree(ham10000_dataset, data))
+        bad = _emptied(root, "HAM10000_metadata.csv")
+        args, expected = ["data", "show", root, "--format", "ham10000"], "empty file"
+    elif case == "latin-1 config":
+        bad = _latin1_config(tmp_path)
+        args, expected = ["validate", valid_dataset, "--config", bad], "not UTF-8 text (byte 0xe9 at position 34)"
+    else:
+        root = Path(shutil.copytree(chexpert_dataset, data))
+        bad = _corrupt_workbook(root)
+        args, expected = ["validate", root, "--format", "chexpert"], "not an intact .xlsx workbook"
+    done = run_cli(*args, cwd=work)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"error: {bad}: {done.stderr.split(': ', 2)[2]}" and done.stderr.count("\n") == 1
+    assert expected in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert not any(work.iterdir())  # no outputs/, nothing half-written
+
+
+def test_audit_model_name_with_quotes(tmp_path: Path) -> None:
+    """A quote in --model is searched for as text; a value MLflow cannot search for is one line."""
+    from mlflow import MlflowClient
+
+    (tmp_path / "outputs").mkdir()  # the default tracking store, with an audit trail to search
+    MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").create_experiment("fairdiffusion-audit")
+    quoted = run_cli("audit", "--history", "--model", "fd'x", cwd=tmp_path)
+    assert quoted.returncode == 0, quoted.stderr
+    assert "Traceback" not in quoted.stderr + quoted.stdout
+    both = tmp_path / "both"
+    both.mkdir()
+    done = run_cli("audit", "--history", "--model", "fd'\"x", cwd=both)
+    assert done.returncode == 1 and done.stderr.startswith("error: model name ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr + done.stdout
+    assert not any(both.iterdir())

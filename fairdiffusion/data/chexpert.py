@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from fairdiffusion import files
 from fairdiffusion.config import CheXpertConfig
 from fairdiffusion.data.table import (
     COMMON_COLUMNS,
@@ -70,13 +71,10 @@ def map_race(primary_race: object) -> str | None:
 
 
 def _read_table(path: Path, required: Sequence[str]) -> pd.DataFrame:
-    try:
-        if path.suffix.lower() in {".xlsx", ".xlsm"}:
-            table = pd.read_excel(path, dtype=str, engine="openpyxl")
-        else:
-            table = pd.read_csv(path, dtype=str, keep_default_na=True)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, KeyError) as error:
-        raise DatasetError(f"{path}: not a readable table ({type(error).__name__}: {error})") from None
+    if path.suffix.lower() in {".xlsx", ".xlsm"}:
+        table = files.read_excel(path, dtype=str)
+    else:
+        table = files.read_csv(path, dtype=str, keep_default_na=True)
     table.columns = [str(column).strip() for column in table.columns]
     missing = [column for column in required if column not in table.columns]
     if missing:

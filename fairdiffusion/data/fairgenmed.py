@@ -17,8 +17,8 @@ the validation suite's job, so every problem is reported at once, with the file.
 from __future__ import annotations
 
 import csv
+import io
 import re
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from fairdiffusion import files
 from fairdiffusion.data.catalog import CLINICAL_LABELS
 from fairdiffusion.data.table import SampleSchema
 from fairdiffusion.errors import DatasetError
@@ -109,25 +110,19 @@ def _decode(raw: object, codes: dict[object, str]) -> str | None:
 def _read_npz_attributes(path: Path) -> tuple[dict[str, str | None], str | None]:
     keys = {"race": _RACE_CODES, "male": _GENDER_CODES, "hispanic": _ETHNICITY_CODES}
     keys["glaucoma"] = _GLAUCOMA_CODES
-    if not zipfile.is_zipfile(path):
-        return dict.fromkeys(keys), "not an npz archive (cannot be opened as a zip file)"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            values = {key: _decode(npz[key], codes) if key in npz else None for key, codes in keys.items()}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        empty: dict[str, str | None] = dict.fromkeys(keys)
-        return empty, f"cannot read npz ({type(error).__name__}: {error})"
-    return values, None
+        arrays = files.load_npz(path, keys)
+    except DatasetError as error:
+        # The row names the file in npz_path; read_error says what is wrong with it.
+        return dict.fromkeys(keys), str(error).removeprefix(f"{path}: ")
+    return {key: _decode(arrays.get(key), codes) for key, codes in keys.items()}, None
 
 
 def _read_summary(root: Path) -> pd.DataFrame:
     path = root / "data_summary.csv"
     if not path.is_file():
         raise DatasetError(f"{path}: missing (FairGenMed keeps its clinical labels there)")
-    try:
-        summary = pd.read_csv(path, dtype=str, keep_default_na=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: not a readable CSV ({error})") from None
+    summary = files.read_csv(path, dtype=str, keep_default_na=True)
     missing = [column for column in _SUMMARY_COLUMNS if column not in summary.columns]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -300,10 +295,9 @@ def add_subjects(
         raise DatasetError("synthetic subjects never enter the test split (evaluation is on real images only)")
     numbers = [int(m.group(1)) for p in root.glob("*/data_*.npz") if (m := _NPZ_NAME.match(p.name))]
     number = max(numbers, default=0)
-    with summary_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = list(reader.fieldnames or [])
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(files.read_text(summary_path), newline=""))
+    fields = list(reader.fieldnames or [])
+    rows = list(reader)
     fields += [column for column in ("rnflt_status", "source", "generated_by") if column not in fields]
     split_dir = root / split
     split_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fairdiffusion import files
 from fairdiffusion.data.table import (
     COMMON_COLUMNS,
     LoadedDataset,
@@ -52,10 +53,7 @@ def _read_metadata(root: Path) -> pd.DataFrame:
     path = root / METADATA_FILE
     if not path.is_file():
         raise DatasetError(f"{path}: missing (HAM10000 keeps its labels and demographics there)")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: not a readable CSV ({error})") from None
+    table = files.read_csv(path, dtype=str, keep_default_na=True)
     missing = [column for column in METADATA_COLUMNS if column not in table.columns]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")

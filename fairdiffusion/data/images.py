@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fairdiffusion import files
+
 CropOffsets = Callable[[int, int], tuple[int, int]]
 """Maps the slack ``(width - resolution, height - resolution)`` to the crop's ``(left, top)``."""
 
@@ -37,9 +39,12 @@ def resize_and_crop(image: Image.Image, resolution: int, offsets: CropOffsets = 
 
 
 def load_rgb(path: str | Path, resolution: int) -> np.ndarray:
-    """One image file as uint8 RGB (res x res x 3), resized and centre-cropped by :func:`resize_and_crop`."""
-    with Image.open(path) as image:
-        return np.asarray(resize_and_crop(image, resolution), dtype=np.uint8)
+    """One image file as uint8 RGB (res x res x 3), resized and centre-cropped by :func:`resize_and_crop`.
+
+    Raises:
+        DatasetError: if the file is not a readable image.
+    """
+    return np.asarray(resize_and_crop(files.open_image(path), resolution), dtype=np.uint8)
 
 
 def load_real_images(image_paths: Sequence[str], resolution: int) -> np.ndarray:

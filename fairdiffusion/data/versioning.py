@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fairdiffusion import files
 from fairdiffusion.config import DataConfig
 from fairdiffusion.data.counts import count_groups
 from fairdiffusion.data.formats import get_format, load_dataset
@@ -76,14 +77,15 @@ def resolve_data_version(dvc_file: str | Path) -> DataVersion:
     dvc_file = Path(dvc_file).resolve()
     if not dvc_file.is_file():
         raise DataVersionError(f"{dvc_file}: DVC pointer file not found (run 'dvc add' on the data first)")
+    text = files.read_text(dvc_file, raise_as=DataVersionError)
     try:
-        document = yaml.safe_load(dvc_file.read_text()) or {}
+        document = yaml.safe_load(text) or {}
         outs = document["outs"]
         out = outs[0]
         md5 = "" if out["md5"] is None else str(out["md5"]).strip()
         if not md5:  # an empty "md5:" must not become the recorded version "None"
             raise KeyError("md5")
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+    except (yaml.YAMLError, ValueError, KeyError, IndexError, TypeError):
         raise DataVersionError(f"{dvc_file}: not a DVC pointer file with an 'outs[0].md5' entry") from None
     if len(outs) != 1:
         raise DataVersionError(f"{dvc_file}: tracks {len(outs)} outputs; expected exactly one dataset folder")

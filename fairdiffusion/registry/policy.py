@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fairdiffusion import files
 from fairdiffusion.errors import FairDiffusionError
 
 
@@ -98,14 +98,11 @@ def load_policy(path: str | Path) -> tuple[GatePolicy, str]:
     """
     path = Path(path)
     try:
-        raw_bytes = path.read_bytes()
-    except OSError as error:
-        raise PolicyError(f"gate policy {path}: cannot be read ({error.strerror})") from None
+        raw_bytes = files.read_bytes(path)
+        raw = files.parse_yaml(files.decode_text(raw_bytes, path), path)
+    except FairDiffusionError as error:
+        raise PolicyError(f"gate policy {error}") from None
     digest = hashlib.sha256(raw_bytes).hexdigest()
-    try:
-        raw = yaml.safe_load(raw_bytes)
-    except yaml.YAMLError as error:
-        raise PolicyError(f"gate policy {path}: not valid YAML ({error})") from None
     try:
         return GatePolicy.model_validate(raw), digest
     except ValidationError as error:

@@ -307,15 +307,34 @@ def record_decision(tracking: TrackingConfig, record: DecisionRecord) -> Decisio
     return written
 
 
+def search_literal(value: str, what: str) -> str:
+    """``value`` quoted as a string of an MLflow search filter.
+
+    MLflow's filter grammar strips a string's quotes without unescaping what is inside, so
+    a value is quoted with whichever quote it does not contain; a trailing backslash would
+    escape the closing quote.
+
+    Raises:
+        RegistryError: if ``value`` contains both quote characters or ends with a backslash.
+    """
+    quote = next((q for q in ("'", '"') if q not in value), None)
+    if quote is None or value.endswith("\\"):
+        raise RegistryError(
+            f"{what} {value!r}: MLflow cannot search for a value with both ' and \" or a trailing backslash"
+        )
+    return f"{quote}{value}{quote}"
+
+
 def decision_history(tracking: TrackingConfig, version: str | None = None) -> list[DecisionRecord]:
     """Every decision on the registered model (or one version), oldest first."""
+    # Built before MLflow is touched, so a value that cannot be searched for writes nothing.
+    query = f"tags.`{schema.AUDIT_MODEL}` = {search_literal(tracking.model_name, 'model name')}"
+    if version is not None:
+        query += f" and tags.`{schema.AUDIT_VERSION}` = {search_literal(version, 'version')}"
     client = _client(tracking)
     experiment = client.get_experiment_by_name(tracking.audit_experiment)
     if experiment is None:
         return []
-    query = f"tags.`{schema.AUDIT_MODEL}` = '{tracking.model_name}'"
-    if version is not None:
-        query += f" and tags.`{schema.AUDIT_VERSION}` = '{version}'"
     runs = []
     token = None
     while True:

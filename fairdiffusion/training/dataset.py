@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from fairdiffusion import files
 from fairdiffusion.data.images import centre_offsets, resize_and_crop
 from fairdiffusion.training.fbp import derive_seed
 
@@ -62,8 +63,8 @@ class FundusPromptDataset(Dataset):
             top = int(torch.randint(0, slack_y + 1, (1,), generator=generator))
             return left, top
 
-        with Image.open(self.paths[index]) as image:
-            rgb = resize_and_crop(image, self.resolution, centre_offsets if self.center_crop else random_offsets)
+        image = files.open_image(self.paths[index])
+        rgb = resize_and_crop(image, self.resolution, centre_offsets if self.center_crop else random_offsets)
         if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
             rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

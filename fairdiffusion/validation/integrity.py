@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from fairdiffusion import files
 from fairdiffusion.data.fairgenmed import SCHEMA as FAIRGENMED_SCHEMA
 from fairdiffusion.data.table import SampleSchema
+from fairdiffusion.errors import DatasetError
 
 #: How many offending rows a failure message names at most.
 _IMAGE_COLUMNS = ["subject", "split", "file", "error", "ndim", "channels", "dtype", "shape", "min", "max", "constant"]
@@ -44,31 +44,30 @@ def _describe_array(image: np.ndarray) -> dict[str, object]:
 def _check_npz_image(npz_path: str, jpg_path: str) -> dict[str, object]:
     """FairGenMed: facts of the npz ``slo_fundus`` array; the jpg beside it must decode too."""
     facts: dict[str, object] = {"file": npz_path, "error": None}
+    errors = []
     try:
-        if not zipfile.is_zipfile(npz_path):
-            raise ValueError("not an npz archive")
-        with np.load(npz_path, allow_pickle=False) as npz:
-            facts |= _describe_array(npz["slo_fundus"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        facts["error"] = f"{npz_path}: {type(error).__name__}: {error}"
+        arrays = files.load_npz(npz_path, ["slo_fundus"])
+        if "slo_fundus" not in arrays:
+            raise DatasetError(f"{npz_path}: no 'slo_fundus' array")
+        facts |= _describe_array(arrays["slo_fundus"])
+    except DatasetError as error:
+        errors.append(str(error))
     try:
-        with Image.open(jpg_path) as jpg:
-            # A reduced-scale decode still reads every entropy-coded block, so a truncated
-            # or corrupt file fails here; the full-size pixels come from the npz above.
-            jpg.draft(jpg.mode, (max(1, jpg.width // 8), max(1, jpg.height // 8)))
-            jpg.load()
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        facts["error"] = (f"{facts['error']}; " if facts["error"] else "") + f"{jpg_path}: {error}"
+        # A reduced-scale decode still reads every entropy-coded block, so a truncated
+        # or corrupt file fails here; the full-size pixels come from the npz above.
+        files.open_image(jpg_path, scale=8)
+    except DatasetError as error:
+        errors.append(str(error))
+    facts["error"] = "; ".join(errors) or None
     return facts
 
 
 def _check_image_file(path: str) -> dict[str, object]:
     facts: dict[str, object] = {"file": path, "error": None}
     try:
-        with Image.open(path) as image:
-            facts |= _describe_array(np.asarray(image))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        facts["error"] = f"{path}: {type(error).__name__}: {error}"
+        facts |= _describe_array(np.asarray(files.open_image(path)))
+    except DatasetError as error:
+        facts["error"] = str(error)
     return facts
 
 

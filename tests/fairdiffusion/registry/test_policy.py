@@ -49,3 +49,11 @@ def test_a_rule_left_out_is_an_error_not_a_silent_default(tmp_path: Path) -> Non
     path.write_text("name: x\nabsolute: {min_slice_size: 3}\nnon_regression: {fid_overall: 0.1, es_fid: 0.1}\n")
     with pytest.raises(PolicyError, match="absolute.max_es_fid"):
         load_policy(path)
+
+
+def test_latin1_policy_is_a_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"gate policy {path}: not UTF-8 text (byte 0xe9 at position 9); save it as UTF-8"

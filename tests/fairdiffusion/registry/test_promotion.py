@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from fairdiffusion.errors import RegistryError
 from fairdiffusion.registry import promotion, schema
 from fairdiffusion.registry.gate import GateDecision
 from fairdiffusion.registry.promotion import DecisionRecord, GatedCandidate
@@ -59,3 +62,14 @@ def test_status_of_a_candidate() -> None:
     assert promotion._candidate_status(passed=True, promote=True) == schema.STATUS_CHAMPION
     assert promotion._candidate_status(passed=True, promote=False) == schema.STATUS_AWAITING_APPROVAL
     assert promotion._candidate_status(passed=False, promote=False) == schema.STATUS_REJECTED
+
+
+def test_search_literal_survives_mlflow_parsing_of_quotes() -> None:
+    from mlflow.utils.search_utils import SearchUtils
+
+    for value in ("fd'x", 'fd"x', "plain", "a\\b"):
+        parsed = SearchUtils.parse_search_filter(f"tags.`k` = {promotion.search_literal(value, 'model name')}")
+        assert parsed[0]["value"] == value
+    for value in ("fd'\"x", "ends\\"):
+        with pytest.raises(RegistryError, match="model name"):
+            promotion.search_literal(value, "model name")
