@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from fairdiffusion.data.pretraining import generate_pretraining_set
 from fairdiffusion.errors import ConfigError
 from fairdiffusion.models.extractor import FundusDecoder, FundusEncoder, save_extractor
-from fairdiffusion.models.tiny import tokenizer_vocabulary
+from fairdiffusion.models.tiny import build_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -115,27 +115,6 @@ def build_unet(resolution: int, channels: tuple[int, int], cross_attention_dim: 
         attention_head_dim=8,
         norm_num_groups=32,
     )
-
-
-def build_text_encoder() -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """The tiny pipeline's tokenizer and a random CLIP text encoder, to stay frozen."""
-    vocab, merges = tokenizer_vocabulary()
-    encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=64,
-        )
-    )
-    # Built from in-memory files, a CLIPTokenizer has no model_max_length; set it.
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77), encoder
 
 
 def train_vae(images: torch.Tensor, spec: BaseBuildSpec, generator: torch.Generator) -> tuple[AutoencoderKL, float]:
@@ -284,7 +263,8 @@ def build_base_bundle(
     images = _as_rgb(data.images)  # type: ignore[attr-defined]
     vae, vae_loss = _timed(seconds, "vae", progress, lambda: train_vae(images, spec, generator))  # type: ignore[misc]
     latents = encode_latents(vae, images)
-    tokenizer, text_encoder = build_text_encoder()
+    # The text encoder stays random and frozen: distinct tokens still give distinct embeddings.
+    tokenizer, text_encoder = build_text_encoder(hidden_size=64, intermediate_size=128)
     text_encoder.requires_grad_(False).eval()
     states = encode_prompts(tokenizer, text_encoder, data.prompts)  # type: ignore[attr-defined]
     empty = encode_prompts(tokenizer, text_encoder, [""])

@@ -51,6 +51,28 @@ def tokenizer_vocabulary(
     return vocab, list(dict.fromkeys(merges))
 
 
+def build_text_encoder(hidden_size: int, intermediate_size: int) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The prompt vocabulary's tokenizer and a small random CLIP text encoder (two layers, four heads)."""
+    vocab, merges = tokenizer_vocabulary()
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=hidden_size,
+        )
+    )
+    # Built from in-memory files, a CLIPTokenizer has no model_max_length and would
+    # let prompts overflow the 77 position embeddings; set it explicitly.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77), encoder
+
+
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny Stable Diffusion pipeline (random weights) with ``save_pretrained``.
 
@@ -87,24 +109,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
             norm_num_groups=32,
             sample_size=32,
         )
-        vocab, merges = tokenizer_vocabulary()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-                projection_dim=32,
-            )
-        )
-    # Built from in-memory files, a CLIPTokenizer has no model_max_length and would
-    # let prompts overflow the 77 position embeddings; set it explicitly.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+        tokenizer, text_encoder = build_text_encoder(hidden_size=32, intermediate_size=37)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
