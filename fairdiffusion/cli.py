@@ -82,6 +82,8 @@ def _run_pipeline(config: Path, force: bool = False) -> None:
     typer.echo(
         f"                 then open http://127.0.0.1:5000/#/models/{outcome.model_name}/versions/{outcome.version}"
     )
+    if outcome.status == schema.STATUS_REJECTED:
+        raise typer.Exit(1)  # a rejected candidate fails the command, as a failed validation does
 
 
 _FORCE = typer.Option(False, "--force", help="Train even if data and config are those the champion was trained on.")

@@ -153,6 +153,38 @@ def test_demo_prints_a_skip_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "Gate decision" not in printed
 
 
+def test_a_rejected_gate_prints_the_reasons_and_exits_1(monkeypatch, tmp_path: Path, capsys) -> None:
+    import typer
+
+    import flows.pipeline
+    from fairdiffusion import cli
+    from fairdiffusion.registry import schema
+    from fairdiffusion.registry.lineage import PromotionOutcome
+
+    def fake_pipeline(config_path: str, force: bool) -> PromotionOutcome:
+        return PromotionOutcome(
+            model_name="fairdiffusion",
+            version="2",
+            promoted=False,
+            passed=False,
+            status=schema.STATUS_REJECTED,
+            reasons=["overall FID interval high 4.5 >= base model's FID 4.4"],
+            compared_with_version=None,
+            run_id="abc123",
+            report_path="outputs/eval/evaluation.md",
+        )
+
+    monkeypatch.setattr(flows.pipeline, "fairdiffusion_pipeline", fake_pipeline)
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    with pytest.raises(typer.Exit) as stopped:
+        cli._run_pipeline(config)
+    assert stopped.value.exit_code == 1
+    printed = capsys.readouterr().out
+    assert "Gate decision  : FAILED: not promoted (fairdiffusion v2)" in printed
+    assert "  - overall FID interval high 4.5 >= base model's FID 4.4" in printed
+
+
 def _emptied(root: Path, name: str) -> Path:
     (root / name).write_bytes(b"")
     return root / name
