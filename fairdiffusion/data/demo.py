@@ -161,10 +161,10 @@ def render_fundus(
     if look.tessellation:
         # Radial stripes around the fovea, fading towards it: a tessellated fundus. No
         # random draw, so a group's texture leaves every other subject's images as they were.
-        angle = np.arctan2(yy - centre, xx - centre)
+        polar = np.arctan2(yy - centre, xx - centre)
         image += (
             look.tessellation
-            * np.sin(look.tessellation_stripes * angle + 4 * np.sin(20 * radius))
+            * np.sin(look.tessellation_stripes * polar + 4 * np.sin(20 * radius))
             * np.clip(radius * 4, 0, 1)
         )
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ BUILD_FILE = "fairdiffusion_base.json"
 _SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def train_extractor(
     return encoder.eval().requires_grad_(False), loss_value
 
 
-def _timed(seconds: dict[str, float], name: str, progress: Progress, work: Callable[[], object]) -> object:
+def _timed(seconds: dict[str, float], name: str, progress: Progress, work: Callable[[], T]) -> T:
     progress(f"base model: {name} ...")
     started = time.perf_counter()
     out = work()
@@ -260,16 +262,16 @@ def build_base_bundle(
     data = _timed(
         seconds, "pretraining set", progress, lambda: generate_pretraining_set(spec.images, spec.resolution, spec.seed)
     )
-    images = _as_rgb(data.images)  # type: ignore[attr-defined]
-    vae, vae_loss = _timed(seconds, "vae", progress, lambda: train_vae(images, spec, generator))  # type: ignore[misc]
+    images = _as_rgb(data.images)
+    vae, vae_loss = _timed(seconds, "vae", progress, lambda: train_vae(images, spec, generator))
     latents = encode_latents(vae, images)
     # The text encoder stays random and frozen: distinct tokens still give distinct embeddings.
     tokenizer, text_encoder = build_text_encoder(hidden_size=64, intermediate_size=128)
     text_encoder.requires_grad_(False).eval()
-    states = encode_prompts(tokenizer, text_encoder, data.prompts)  # type: ignore[attr-defined]
+    states = encode_prompts(tokenizer, text_encoder, data.prompts)
     empty = encode_prompts(tokenizer, text_encoder, [""])
-    unet, unet_loss = _timed(seconds, "unet", progress, lambda: train_unet(latents, (states, empty), spec, generator))  # type: ignore[misc]
-    encoder, enc_loss = _timed(seconds, "extractor", progress, lambda: train_extractor(images, spec, generator))  # type: ignore[misc]
+    unet, unet_loss = _timed(seconds, "unet", progress, lambda: train_unet(latents, (states, empty), spec, generator))
+    encoder, enc_loss = _timed(seconds, "extractor", progress, lambda: train_extractor(images, spec, generator))
     vae.register_to_config(scaling_factor=latents[2])
     _save_bundle(out, (tokenizer, text_encoder, vae, unet), encoder)
     result = BaseBuildResult(str(out), seconds, {"vae": vae_loss, "unet": unet_loss, "extractor": enc_loss}, latents[2])
