@@ -168,22 +168,30 @@ def check_scale_free(
     return disparity + gap
 
 
+def _beats_base(candidate: Mapping[str, float], overall: str, base_key: str) -> RuleCheck:
+    """The overall FID's interval high (its point if no interval) below the base model's FID; fails closed."""
+    base = candidate.get(base_key)
+    if base is None or not math.isfinite(base):
+        detail = f"the base model's FID ({base_key}) was not measured: cannot show the candidate beats it"
+        return _check(candidate, "beat_base_model", base_key, None, False, detail)
+    high, point = candidate.get(f"ci_high/{overall}"), candidate.get(overall)
+    worse_end = high if high is not None and math.isfinite(high) else point
+    if worse_end is None or not math.isfinite(worse_end):
+        detail = f"no finite overall FID ({overall}) to compare with the base model's {base:.4g}"
+        return _check(candidate, "beat_base_model", overall, base, False, detail)
+    ok = worse_end < base
+    detail = f"overall FID interval high {worse_end:.4g} {'<' if ok else '>='} base model's FID {base:.4g}"
+    if not ok:
+        detail += ": the fine-tune is not better than the model it started from"
+    return _check(candidate, "beat_base_model", overall, base, ok, detail)
+
+
 def check_reference(candidate: Mapping[str, float], extractor: str, rules: ReferenceRules) -> list[RuleCheck]:
     """The candidate beats its base model beyond the interval, and stays within the floor ratio."""
     keys, overall = reference_keys(extractor), f"{fid_metric_names(extractor)['fid']}/{OVERALL}"
     checks: list[RuleCheck] = []
     if rules.beat_base_model:
-        base = candidate.get(keys["base"])
-        worse_end = candidate.get(f"ci_high/{overall}", candidate.get(overall))
-        if not _finite(base):
-            detail = f"the base model's FID ({keys['base']}) was not measured: cannot show the candidate beats it"
-            checks.append(_check(candidate, "beat_base_model", keys["base"], None, False, detail))
-        elif _finite(worse_end):
-            ok = worse_end < base
-            detail = f"overall FID interval high {worse_end:.4g} {'<' if ok else '>='} base model's FID {base:.4g}" + (
-                "" if ok else ": the fine-tune is not better than the model it started from"
-            )
-            checks.append(_check(candidate, "beat_base_model", overall, base, ok, detail))
+        checks.append(_beats_base(candidate, overall, keys["base"]))
     if rules.max_fid_over_floor is not None:
         limit = rules.max_fid_over_floor
         checks += _ceiling(candidate, "max_fid_over_floor", keys["over_floor"], limit, "FID over real-vs-real floor")

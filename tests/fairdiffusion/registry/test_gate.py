@@ -369,3 +369,10 @@ def test_relative_gap_uses_matched_sizes_and_fails_closed_when_missing() -> None
     assert failed_rules(decide(metrics, config=policy)) == [
         ("max_relative_gap", f"fid_gap_matched_{X}/race / fid_matched_overall_{X}/race")
     ]
+
+
+def test_a_nan_interval_falls_back_to_the_point_and_a_nan_fid_fails_closed() -> None:
+    metrics = with_base(make_metrics(overall=10.0), base=20.0, ci_high=math.nan)
+    assert decide(metrics, config=reference_policy()).passed  # the point 10 < 20
+    metrics[f"fid_{X}/overall"] = math.nan
+    assert ("beat_base_model", f"fid_{X}/overall") in failed_rules(decide(metrics, config=reference_policy()))
