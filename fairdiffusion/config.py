@@ -498,6 +498,10 @@ class TrackingConfig(_Section):
     #: Every gate decision, approval, override and rollback is one immutable run here.
     audit_experiment: str = "fairdiffusion-audit"
     model_name: str = "fairdiffusion"
+    #: Where the promotion lock is taken (:mod:`fairdiffusion.registry.locking`):
+    #: ``None`` means the tracking store itself, which works for ``sqlite:///`` and
+    #: database URIs. With an MLflow server (``http://``), name its backend store here.
+    lock_uri: str | None = None
 
     def resolved_tracking_uri(self) -> str:
         """The tracking URI in force: the environment's, else the config's, made absolute."""

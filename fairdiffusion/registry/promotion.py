@@ -1,4 +1,4 @@
-"""The model registry: versions, aliases, the promotion lock, and every decision with its audit run.
+"""The model registry: versions, aliases, and every decision with its audit run.
 
 Everything is written through an explicit ``MlflowClient`` built from the tracking
 URI in force (``MLFLOW_TRACKING_URI`` or the config), so nothing here touches MLflow's
@@ -18,8 +18,7 @@ import getpass
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +36,7 @@ from fairdiffusion.registry.audit import (
     TrainingLineage,
     ValidationLineage,
 )
+from fairdiffusion.registry.locking import promotion_lock
 from fairdiffusion.tracking import artifact_json as _artifact_json
 from fairdiffusion.tracking import create_experiment
 from fairdiffusion.tracking import json_tag as _json_tag
@@ -143,50 +143,6 @@ def _installed(package: str) -> bool:
     except metadata.PackageNotFoundError:
         return False
     return True
-
-
-@contextmanager
-def promotion_lock(
-    tracking: TrackingConfig, holder: str, timeout_s: float = 300, stale_after_s: float = 1800
-) -> Iterator[None]:
-    """Serialise promotions of one model across processes and machines.
-
-    MLflow has no compare-and-set on aliases, but creating a registered model is
-    atomic (its name is unique in the store), so a registered model named
-    ``<model>.promotion-lock`` is the mutex. A lock older than ``stale_after_s`` (its
-    holder died) is broken.
-
-    Raises:
-        RegistryError: if the lock stays held for ``timeout_s``.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking)
-    name = f"{tracking.model_name}{schema.LOCK_SUFFIX}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(name, description=json.dumps({"holder": holder, "since": time.time()}))
-            break
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        try:
-            since = float(json.loads(client.get_registered_model(name).description or "{}").get("since", 0))
-            if time.time() - since > stale_after_s:
-                client.delete_registered_model(name)
-                continue
-        except (MlflowException, ValueError):
-            continue  # released (or replaced) between our two calls: try again
-        if time.monotonic() > deadline:
-            raise RegistryError(f"another promotion of '{tracking.model_name}' holds {name}; try again later")
-        time.sleep(0.25)
-    try:
-        yield
-    finally:
-        # Already gone only if another process broke it as stale.
-        with suppress(MlflowException):
-            client.delete_registered_model(name)
 
 
 def current_actor(explicit: str | None = None) -> str:

@@ -69,7 +69,6 @@ TRAINING_METHOD_PARAM = "training.method"
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 PREVIOUS_CHAMPION = "previous-champion"
-LOCK_SUFFIX = ".promotion-lock"
 
 # Artifacts of the pipeline run.
 CONFIG_ARTIFACT = "lineage/config.json"

@@ -49,8 +49,13 @@ def _get(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("mlflow-server")
+def server_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="module")
+def server(server_root: Path):
+    root = server_root
     port = _free_port()
     log = (root / "server.log").open("w")
     process = subprocess.Popen(
@@ -82,12 +87,13 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     log.close()
 
 
-def _write_config(path: Path, url: str, policy: Path, require_approval: bool = False) -> Path:
+def _write_config(path: Path, url: str, policy: Path, lock_uri: str, require_approval: bool = False) -> Path:
+    tracking = {"tracking_uri": url, "lock_uri": lock_uri, "model_name": MODEL, "experiment": "registry-test"}
     path.write_text(
         yaml.safe_dump(
             {
                 "gate": {"policy": str(policy), "require_approval": require_approval},
-                "tracking": {"tracking_uri": url, "model_name": MODEL, "experiment": "registry-test"},
+                "tracking": tracking,
             }
         )
     )
@@ -95,8 +101,10 @@ def _write_config(path: Path, url: str, policy: Path, require_approval: bool = F
 
 
 @pytest.fixture(scope="module")
-def setup(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(server: str, server_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("registry")
+    # The promotion lock is taken in the server's own store (tracking.lock_uri).
+    store = f"sqlite:///{server_root / 'store.db'}"
     policy = root / "policy.yaml"
     policy.write_text(
         yaml.safe_dump(
@@ -113,9 +121,9 @@ def setup(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     broken.write_text("name: [unclosed\n")
     return {
         "root": root,
-        "config": _write_config(root / "config.yaml", server, policy),
-        "approval": _write_config(root / "approval.yaml", server, policy, require_approval=True),
-        "broken": _write_config(root / "broken-config.yaml", server, broken),
+        "config": _write_config(root / "config.yaml", server, policy, store),
+        "approval": _write_config(root / "approval.yaml", server, policy, store, require_approval=True),
+        "broken": _write_config(root / "broken-config.yaml", server, broken, store),
     }
 
 
@@ -268,7 +276,7 @@ def test_concurrent_promotions_keep_champion_passing_and_every_record(setup, tin
         assert later.champion_before == earlier.champion_after
     champion = registry.read_lineage(tracking, alias=schema.CHAMPION)
     assert champion.gate.passed is True
-    assert not any(m["name"].endswith(schema.LOCK_SUFFIX) for m in _registered_models(setup))
+    assert [m["name"] for m in _registered_models(setup)] == [MODEL], "the lock leaves no registry record"
 
 
 def _registered_models(setup: dict) -> list[dict]:
