@@ -8,7 +8,7 @@ from prefect import task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from fairdiffusion.config import PipelineConfig
 from fairdiffusion.evaluation.results import EvaluationReport
@@ -24,8 +24,12 @@ PROMOTION_LIMIT = "fairdiffusion-promotion"
 
 def ensure_promotion_limit() -> None:
     """Create the one-slot limit if the Prefect server does not have it yet."""
-    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=PROMOTION_LIMIT, limit=1))
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(PROMOTION_LIMIT)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another flow created it in between
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=PROMOTION_LIMIT, limit=1))
 
 
 @task(name="promote_if_fair", retries=2, retry_delay_seconds=5)
