@@ -7,18 +7,24 @@ the command, so the library package itself never imports Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import click
 import typer
 
 from fairdiffusion.config import PipelineConfig, TrackingConfig, config_to_dict, load_config, parse_config
 from fairdiffusion.errors import FairDiffusionError
 from fairdiffusion.registry import schema
+
+if TYPE_CHECKING:
+    from fairdiffusion.registry.lineage import PromotionOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
@@ -29,10 +35,31 @@ app.add_typer(base_app, name="base")
 DEMO_CONFIG = Path("configs/demo.yaml")
 
 
+def _print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"fairdiffusion {metadata.version('fairdiffusion')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fairness-gated retraining of text-to-image diffusion models (FairDiffusion, Luo et al. 2024).
+
+    Exit status: 0 success (or a run that skipped); 1 bad input, a failed validation or a rejected gate; 2 usage.
+
+    Without --config a verb takes the library's defaults (fairdiffusion/config.py), never a file in this folder.
+
+    Only `demo` reads a file by itself: configs/demo.yaml.
+    """
+
+
 def _config_or_default(config: Path | None) -> PipelineConfig:
-    if config is not None:
-        return load_config(config)
-    return load_config(DEMO_CONFIG) if DEMO_CONFIG.is_file() else PipelineConfig()
+    """The named config, else the library's defaults: never a file found in the working directory."""
+    return load_config(config) if config is not None else PipelineConfig()
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -44,25 +71,37 @@ class _NoTracebackForUserErrors(logging.Filter):
         return True
 
 
-def _run_pipeline(config: Path, force: bool = False) -> None:
-    load_config(config)  # fail on a bad config before Prefect starts
+def _run_pipeline(config: Path, force: bool = False, as_json: bool = False) -> None:
+    cfg = load_config(config)  # fail on a bad config before Prefect starts
     from flows.pipeline import fairdiffusion_pipeline
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
-
-    outcome = fairdiffusion_pipeline(config_path=str(config), force=force)
-    cfg = load_config(config)
+    # With --json, stdout carries the outcome alone; anything the flow prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        outcome = fairdiffusion_pipeline(config_path=str(config), force=force)
     uri = cfg.tracking.resolved_tracking_uri()
-    if outcome.status == schema.STATUS_SKIPPED:
-        typer.echo("")
-        typer.echo("Skipped        : nothing trained, nothing registered")
-        for reason in outcome.reasons:
-            typer.echo(f"  - {reason}")
-        typer.echo(f"Champion       : {outcome.model_name} v{outcome.version} (unchanged)")
-        typer.echo(f"MLflow run     : {outcome.run_id} (tags {schema.SKIPPED}=true, {schema.SKIP_REASON})")
-        typer.echo("Retrain anyway : add --force (fairdiffusion demo --force, or run --config FILE --force)")
-        return
+    if as_json:
+        typer.echo(json.dumps({**outcome.to_dict(), "tracking_uri": uri}, indent=2))
+    elif outcome.status == schema.STATUS_SKIPPED:
+        _print_skip(outcome)
+    else:
+        _print_decision(outcome, uri)
+    if outcome.status == schema.STATUS_REJECTED:
+        raise typer.Exit(1)  # a rejected candidate fails the command, as a failed validation does
+
+
+def _print_skip(outcome: PromotionOutcome) -> None:
+    typer.echo("")
+    typer.echo("Skipped        : nothing trained, nothing registered")
+    for reason in outcome.reasons:
+        typer.echo(f"  - {reason}")
+    typer.echo(f"Champion       : {outcome.model_name} v{outcome.version} (unchanged)")
+    typer.echo(f"MLflow run     : {outcome.run_id} (tags {schema.SKIPPED}=true, {schema.SKIP_REASON})")
+    typer.echo("Retrain anyway : add --force (fairdiffusion demo --force, or run --config FILE --force)")
+
+
+def _print_decision(outcome: PromotionOutcome, uri: str) -> None:
     verdict = {
         schema.STATUS_CHAMPION: "PASSED: promoted to champion",
         schema.STATUS_AWAITING_APPROVAL: "PASSED: awaiting approval (fairdiffusion approve --version N --reason TEXT)",
@@ -82,23 +121,36 @@ def _run_pipeline(config: Path, force: bool = False) -> None:
     typer.echo(
         f"                 then open http://127.0.0.1:5000/#/models/{outcome.model_name}/versions/{outcome.version}"
     )
-    if outcome.status == schema.STATUS_REJECTED:
-        raise typer.Exit(1)  # a rejected candidate fails the command, as a failed validation does
 
 
 _FORCE = typer.Option(False, "--force", help="Train even if data and config are those the champion was trained on.")
+_OUTCOME_JSON = typer.Option(
+    False, "--json", help="Print the outcome (status, version, run id, gate passed, reasons) as JSON on stdout."
+)
 
 
 @app.command()
-def demo(force: bool = _FORCE) -> None:
-    """Run the whole pipeline on the bundled synthetic demo data (CPU, embedded services)."""
-    _run_pipeline(DEMO_CONFIG, force)
+def demo(force: bool = _FORCE, as_json: bool = _OUTCOME_JSON) -> None:
+    """Run the whole pipeline on the bundled synthetic demo data (CPU, embedded services).
+
+    Reads configs/demo.yaml from the current folder (the repository's root, as `make demo` runs it).
+
+    Exit status: 0 promoted, awaiting approval or skipped; 1 a failed validation or a rejected gate.
+    """
+    _run_pipeline(DEMO_CONFIG, force, as_json)
 
 
 @app.command()
-def run(config: Path = typer.Option(..., "--config", "-c", help="Pipeline YAML config."), force: bool = _FORCE) -> None:
-    """Run the whole pipeline with a config file."""
-    _run_pipeline(config, force)
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="Pipeline YAML config (required)."),
+    force: bool = _FORCE,
+    as_json: bool = _OUTCOME_JSON,
+) -> None:
+    """Run the whole pipeline with a config file.
+
+    Exit status: 0 promoted, awaiting approval or skipped; 1 a failed validation or a rejected gate.
+    """
+    _run_pipeline(config, force, as_json)
 
 
 _FORMAT = typer.Option(None, "--format", "-f", help="fairgenmed, ham10000 or chexpert (default: the config's).")
@@ -107,8 +159,8 @@ _FORMAT = typer.Option(None, "--format", "-f", help="fairgenmed, ham10000 or che
 def _data_section(cfg: PipelineConfig, data_dir: Path, data_format: str | None) -> PipelineConfig:
     """The config with ``data.path`` replaced, and with ``--format``, ``data.format`` too.
 
-    Another format brings its own attributes, and any image shape is accepted: the
-    config's attributes and ``validation.image_shape`` describe its own format.
+    Another format brings its own attributes, and ``validation.image_shape`` falls back to
+    one shape for all images: the config's attributes and shape describe its own format.
     """
     document = config_to_dict(cfg)
     data = dict(document["data"])  # type: ignore[call-overload]
@@ -123,18 +175,30 @@ def _data_section(cfg: PipelineConfig, data_dir: Path, data_format: str | None) 
 @app.command()
 def validate(
     data_dir: Path = typer.Argument(..., help="Dataset folder (in the layout of its format)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="Config for thresholds and attributes."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Config for thresholds and attributes (default: the library's defaults)."
+    ),
     data_format: str | None = _FORMAT,
     docs: Path | None = typer.Option(None, "--docs", help="Also write Great Expectations Data Docs (HTML) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
-    """Validate a dataset with the Great Expectations suites; exit 1 on any failure."""
+    """Validate a dataset with the Great Expectations suites; exit 1 on any failure.
+
+    Without --config: the library's defaults (fairdiffusion/config.py), whatever the current folder holds.
+
+    validation.image_shape unset: all images share one shape; [H, W] requires that one; any accepts mixed sizes.
+    """
     from fairdiffusion.validation.run import run_validation
 
     cfg = _data_section(_config_or_default(config), data_dir, data_format)
     result = run_validation(cfg.data, cfg.validation, docs_dir=docs)
-    typer.echo(result.summary(), err=not result.success)
-    if docs is not None:
-        typer.echo(f"Data Docs: {docs / 'index.html'}", err=not result.success)
+    if as_json:
+        index = str(docs / "index.html") if docs is not None else None
+        typer.echo(json.dumps({**result.to_dict(), "data_docs": index}, indent=2))
+    else:
+        typer.echo(result.summary(), err=not result.success)
+        if docs is not None:
+            typer.echo(f"Data Docs: {docs / 'index.html'}", err=not result.success)
     if not result.success:
         raise typer.Exit(1)
 
@@ -198,7 +262,14 @@ def _tracking(config: Path | None, model: str | None) -> TrackingConfig:
 
 
 _MODEL = typer.Option(None, "--model", help="Registered model name (default: the config's).")
-_CONFIG = typer.Option(None, "--config", "-c", help="Config naming the tracking URI (default configs/demo.yaml).")
+_CONFIG = typer.Option(
+    None,
+    "--config",
+    "-c",
+    help="Config naming the tracking URI (default: the library's, sqlite:///outputs/mlflow.db here; "
+    "MLFLOW_TRACKING_URI overrides).",
+)
+_RECORD_JSON = typer.Option(False, "--json", help="Print the decision record as JSON on stdout.")
 
 
 @data_app.command("make-demo")
@@ -287,12 +358,16 @@ def approve(
     ),
     model: str | None = _MODEL,
     config: Path | None = _CONFIG,
+    as_json: bool = _RECORD_JSON,
 ) -> None:
     """Promote a version that passed the gate (when require_approval is on); recorded."""
     from fairdiffusion.registry import promotion as registry
 
     tracking = _tracking(config, model)
     record = registry.approve_version(tracking, version, reason, registry.current_actor(approver))
+    if as_json:
+        typer.echo(json.dumps(record.to_dict(), indent=2))
+        return
     typer.echo(f"approved: {tracking.model_name} v{record.version} is champion (was v{record.champion_before})")
 
 
@@ -304,6 +379,7 @@ def promote(
     actor: str | None = typer.Option(None, "--actor", help="Who overrides (default $FAIRDIFFUSION_ACTOR or user)."),
     model: str | None = _MODEL,
     config: Path | None = _CONFIG,
+    as_json: bool = _RECORD_JSON,
 ) -> None:
     """Override the gate for one version (``--force --reason`` required); recorded as an override."""
     from fairdiffusion.registry import promotion as registry
@@ -315,6 +391,9 @@ def promote(
         )
     tracking = _tracking(config, model)
     record = registry.force_promote(tracking, version, reason, registry.current_actor(actor))
+    if as_json:
+        typer.echo(json.dumps(record.to_dict(), indent=2))
+        return
     typer.echo(f"OVERRIDE recorded: {tracking.model_name} v{record.version} is champion ({'; '.join(record.reasons)})")
 
 
@@ -324,12 +403,16 @@ def rollback(
     actor: str | None = typer.Option(None, "--actor", help="Who rolls back (default $FAIRDIFFUSION_ACTOR or user)."),
     model: str | None = _MODEL,
     config: Path | None = _CONFIG,
+    as_json: bool = _RECORD_JSON,
 ) -> None:
     """Move champion back to previous-champion; recorded like any promotion."""
     from fairdiffusion.registry import promotion as registry
 
     tracking = _tracking(config, model)
     record = registry.rollback_champion(tracking, reason, registry.current_actor(actor))
+    if as_json:
+        typer.echo(json.dumps(record.to_dict(), indent=2))
+        return
     typer.echo(f"rolled back: {tracking.model_name} champion v{record.champion_before} -> v{record.version}")
 
 
@@ -375,29 +458,24 @@ def report(
         typer.echo(f"  {name:8} {files[name]}")
 
 
-def main() -> None:
-    """Console entry point: user errors become one line and exit code 1."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point; always ends in :class:`SystemExit` with the status below.
+
+    0: success, or a run that skipped; 1: bad input (one ``error:`` line), a failed
+    validation or a rejected gate; 2: a usage error (click prints the usage, no traceback).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Offline machines: no telemetry calls, no progress bars in piped output.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        # Without standalone mode, click returns (not raises) the code of a typer.Exit;
-        # dropping it would turn e.g. a failed `validate` into exit status 0.
-        code = app(standalone_mode=False)
+        # Standalone mode: typer (with its own vendored click) reports usage errors and
+        # turns every typer.Exit into that exit status; only our own errors get through.
+        app(args=argv, prog_name="fairdiffusion")
     except FairDiffusionError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(1)
-    except click.exceptions.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.exceptions.Exit as error:
-        sys.exit(error.exit_code)
-    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
-        sys.exit(code)
 
 
 if __name__ == "__main__":

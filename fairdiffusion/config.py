@@ -191,8 +191,9 @@ class ValidationConfig(_Section):
     main_label: str | None = None
     #: Each group needs at least this many subjects of each class of the main label.
     min_class_count: int = Field(1, ge=1)
-    #: Expected (height, width) of every image; ``None`` accepts any shape.
-    image_shape: tuple[int, int] | None = None
+    #: Expected (height, width) of every image; ``None``: all images share one shape,
+    #: whatever it is; ``any``: mixed sizes are accepted (training resizes every image).
+    image_shape: tuple[int, int] | Literal["any"] | None = None
     image_dtype: str = "uint8"
     #: Every pixel value lies in [low, high].
     intensity_range: tuple[float, float] = (0, 255)

@@ -249,3 +249,192 @@ def test_audit_model_name_with_quotes(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stderr.startswith("error: model name ")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr + done.stdout
     assert not any(both.iterdir())
+
+
+# --- main() itself: exit status 0 success or skip, 1 bad input / failed validation / rejected gate, 2 usage ---
+
+USAGE_ERRORS = {
+    "bare invocation": [],
+    "bare group": ["data"],
+    "unknown verb": ["bogus"],
+    "unknown sub-verb": ["data", "bogus"],
+    "unknown option": ["audit", "--bogus"],
+    "unknown option before the verb": ["--bogus", "audit"],
+    "missing argument": ["validate"],
+    "missing required option": ["approve", "--version", "3"],
+    "option without its value": ["validate", "--format"],
+    "bad option value": ["base", "build", "--seed", "abc"],
+    "extra argument": ["audit", "extra"],
+}
+
+
+@pytest.fixture
+def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """``fairdiffusion.cli.main(argv)`` in this process: (exit status, stdout, stderr)."""
+    from fairdiffusion import cli
+
+    for name, value in cli_environment().items():
+        monkeypatch.setenv(name, value)  # main() only sets defaults; keep this process's environment as it was
+
+    def call(*args: str | Path) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        code = stopped.value.code
+        return (code if isinstance(code, int) else 1), captured.out, captured.err
+
+    return call
+
+
+def cli_environment() -> dict[str, str]:
+    return {
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+
+
+@pytest.mark.parametrize("args", list(USAGE_ERRORS.values()), ids=list(USAGE_ERRORS))
+def test_usage_error_exits_2_without_traceback(args: list[str], call_main) -> None:
+    code, out, err = call_main(*args)
+    assert code == 2, out + err
+    assert "Usage: fairdiffusion" in out + err or "requires an argument" in err  # the latter: typer gives no usage
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("args", [["--help"], ["validate", "--help"], ["data", "show", "--help"], ["run", "--help"]])
+def test_help_exits_0(args: list[str], call_main) -> None:
+    code, out, err = call_main(*args)
+    assert code == 0 and "Usage: fairdiffusion" in out and not err
+
+
+def test_help_names_the_exit_statuses_and_the_default_config(call_main) -> None:
+    _, out, _ = call_main("--help")
+    assert "Exit status: 0" in out and "2 usage" in out
+    assert "library's defaults" in out
+
+
+def test_version_prints_the_package_version(call_main) -> None:
+    from importlib.metadata import version
+
+    assert call_main("--version") == (0, f"fairdiffusion {version('fairdiffusion')}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["promote", "--version", "1", "--reason", "why"], "error: promote: the fairness gate decides"),
+        (["run", "--config", "absent.yaml"], "error: absent.yaml: configuration file not found"),
+    ],
+)
+def test_bad_input_exits_1_with_one_line(args: list[str], message: str, call_main, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call_main(*args)
+    assert code == 1 and err.startswith(message) and err.count("\n") == 1 and not out
+
+
+def test_console_script_version_and_usage_error(tmp_path: Path) -> None:
+    """The installed entry point behaves as main() does: no traceback, exit 2 for usage."""
+    from importlib.metadata import version
+
+    shown = run_cli("--version", cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout == f"fairdiffusion {version('fairdiffusion')}\n"
+    bad = run_cli("audit", "--bogus", cwd=tmp_path)
+    assert bad.returncode == 2 and "No such option: --bogus" in bad.stderr
+    assert "Traceback" not in bad.stderr + bad.stdout
+
+
+def test_validate_json(valid_dataset: Path, config_file: Path, call_main) -> None:
+    code, out, err = call_main("validate", valid_dataset, "--config", config_file, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["success"] is True and result["n_subjects"] == 80 and result["failures"] == []
+    assert result["data_docs"] is None and "group_counts" in result
+
+
+def test_validate_json_on_a_failure_exits_1(copy_dataset: Path, config_file: Path, call_main) -> None:
+    bad = sorted((copy_dataset / "train").glob("data_*.npz"))[1]
+    bad.write_bytes(b"garbage")
+    code, out, _ = call_main("validate", copy_dataset, "--config", config_file, "--json")
+    result = json.loads(out)
+    assert code == 1 and result["success"] is False
+    assert any(f["table"] == "images" and str(bad) in " ".join(f["examples"]) for f in result["failures"])
+
+
+def test_validate_default_config_ignores_the_working_directory(valid_dataset: Path, call_main, monkeypatch, tmp_path):
+    """A configs/demo.yaml in the current folder is not the default: the library's defaults are."""
+    decoy = tmp_path / "configs" / "demo.yaml"
+    decoy.parent.mkdir()
+    decoy.write_text("validation:\n  min_group_count: 1000\n  image_shape: [64, 64]\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = call_main("validate", valid_dataset, "--json")
+    failures = json.loads(out)["failed_expectations"]
+    # The library's min_group_count (5) fails the fixture's 4 test Asian subjects, and nothing else.
+    assert code == 1 and len(failures) == 1
+    assert "at least 5 subjects" in failures[0] and "test race=Asian" in failures[0]
+
+
+def _fake_outcome(status: str):
+    from fairdiffusion.registry.lineage import PromotionOutcome
+
+    return PromotionOutcome(
+        model_name="fairdiffusion",
+        version="2",
+        promoted=False,
+        passed=status != "rejected",
+        status=status,
+        reasons=["a reason"],
+        compared_with_version="1",
+        run_id="abc123",
+        report_path="outputs/eval/evaluation.md",
+    )
+
+
+@pytest.mark.parametrize(("verb", "status", "exit_code"), [("run", "rejected", 1), ("demo", "skipped", 0)])
+def test_pipeline_json_outcome(verb: str, status: str, exit_code: int, call_main, monkeypatch, tmp_path) -> None:
+    """stdout is the outcome alone (what the flow prints goes to stderr); the exit status follows it."""
+    import flows.pipeline
+    from fairdiffusion.registry import schema
+
+    assert status in {schema.STATUS_REJECTED, schema.STATUS_SKIPPED}
+
+    def fake_pipeline(config_path: str, force: bool):
+        print("flow chatter")
+        return _fake_outcome(status)
+
+    monkeypatch.setattr(flows.pipeline, "fairdiffusion_pipeline", fake_pipeline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("{}\n")
+    args = ["run", "--config", "configs/demo.yaml"] if verb == "run" else ["demo"]
+    code, out, err = call_main(*args, "--json")
+    outcome = json.loads(out)
+    assert code == exit_code and "flow chatter" in err
+    assert {k: outcome[k] for k in ("status", "version", "run_id", "passed", "reasons")} == {
+        "status": status,
+        "version": "2",
+        "run_id": "abc123",
+        "passed": status != "rejected",
+        "reasons": ["a reason"],
+    }
+    assert outcome["tracking_uri"].startswith("sqlite:///")
+
+
+def test_approve_json_prints_the_decision_record(call_main, monkeypatch, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from fairdiffusion.registry import promotion
+
+    record = {"model": "fairdiffusion", "version": "2", "decision": "approval", "actor": "alice", "reasons": ["ok"]}
+    seen = []
+
+    def fake_approve(tracking, version: str, reason: str, actor: str) -> SimpleNamespace:
+        seen.append((tracking.model_name, version, reason, actor))
+        return SimpleNamespace(version="2", champion_before="1", to_dict=lambda: record)
+
+    monkeypatch.setattr(promotion, "approve_version", fake_approve)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call_main("approve", "--version", "2", "--reason", "ok", "--approver", "alice", "--json")
+    assert code == 0, err
+    assert json.loads(out) == record and seen == [("fairdiffusion", "2", "ok", "alice")]

@@ -170,7 +170,30 @@ def _provenance_checks(config: ValidationConfig, train_splits: Sequence[str], te
     return checks
 
 
-def _image_checks(config: ValidationConfig, schema: SampleSchema) -> list[_Check]:
+def _shape_checks(config: ValidationConfig, shapes: pd.Series) -> list[_Check]:
+    """The configured shape; unset, the most common one, so that all images share one shape."""
+    import great_expectations as gx
+
+    if isinstance(config.image_shape, tuple):
+        expected = f"{config.image_shape[0]}x{config.image_shape[1]}"
+        rule = f"image shape is {expected}"
+    elif config.image_shape is None:
+        seen = shapes.dropna().astype(str).value_counts().sort_index().sort_values(ascending=False, kind="stable")
+        if seen.empty:
+            return []
+        expected = str(seen.index[0])
+        listed = ", ".join(f"{shape} ({count})" for shape, count in seen.head(MAX_EXAMPLES).items())
+        more = f" and {len(seen) - MAX_EXAMPLES} more" if len(seen) > MAX_EXAMPLES else ""
+        rule = (
+            f"all images share one shape (validation.image_shape unset; seen {listed}{more}; "
+            "set validation.image_shape to [height, width], or to any for mixed sizes)"
+        )
+    else:  # "any": training resizes every image, so mixed sizes are accepted on purpose
+        return []
+    return [_Check(gx.expectations.ExpectColumnValuesToBeInSet(column="shape", value_set=[expected]), rule)]
+
+
+def _image_checks(config: ValidationConfig, schema: SampleSchema, shapes: pd.Series) -> list[_Check]:
     import great_expectations as gx
 
     e = gx.expectations
@@ -201,14 +224,7 @@ def _image_checks(config: ValidationConfig, schema: SampleSchema) -> list[_Check
                 f"every pixel lies in the intensity range [{low:g}, {high:g}]",
             )
         )
-    if config.image_shape is not None:
-        expected = f"{config.image_shape[0]}x{config.image_shape[1]}"
-        checks.append(
-            _Check(
-                e.ExpectColumnValuesToBeInSet(column="shape", value_set=[expected]),
-                f"image shape is {expected}",
-            )
-        )
+    checks += _shape_checks(config, shapes)
     checks.append(
         _Check(
             e.ExpectColumnValuesToBeNull(column="duplicate_in_other_split"),
@@ -388,7 +404,7 @@ def validate_dataset(
     image_columns = ["subject", "split", "image_path", *(["npz_path"] if schema.npz_images else [])]
     if set(image_columns) <= set(samples.columns):
         images = inspect_images(samples, schema, config.workers)
-        suites.run("images", images, _image_checks(config, schema), "file")
+        suites.run("images", images, _image_checks(config, schema, images["shape"]), "file")
     suites.run("group_counts", group_counts, _count_checks(group_counts["minimum"].tolist()), "slice")
     _run_class_balance(suites, samples, attributes, schema, config, split_sets)
     shifts = _run_share_shifts(suites, counts, reference, attributes, config) if reference is not None else []

@@ -248,6 +248,28 @@ def test_wrong_image_shape(copy_dataset: Path) -> None:
     assert f"{path} (shape='16x24')" in line
 
 
+def test_unset_image_shape_passes_any_single_shape(valid_dataset: Path) -> None:
+    result = validate(valid_dataset, ValidationConfig(min_group_count=MIN_GROUP))
+    assert result.success, result.summary()
+
+
+def test_unset_image_shape_means_one_shape_for_all(copy_dataset: Path) -> None:
+    path = first_npz(copy_dataset, "test")
+    rewrite_npz(path, slo_fundus=np.random.default_rng(0).integers(0, 255, (16, 24), dtype=np.uint8))
+    odd = validate(copy_dataset, ValidationConfig(min_group_count=MIN_GROUP))
+    line = single_failure(odd, "images", "shape")
+    assert "all images share one shape" in line and "seen 32x32 (79), 16x24 (1)" in line
+    assert f"{path} (shape='16x24')" in line and len(odd.failed) == 1
+    mixed = validate(copy_dataset, ValidationConfig(min_group_count=MIN_GROUP, image_shape="any"))
+    assert mixed.success, mixed.summary()
+
+
+def test_image_shape_accepts_only_a_pair_or_any() -> None:
+    assert ValidationConfig(image_shape=[664, 512]).image_shape == (664, 512)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="image_shape"):
+        ValidationConfig(image_shape="mixed")  # type: ignore[arg-type]
+
+
 def test_three_dimensional_image(copy_dataset: Path) -> None:
     path = first_npz(copy_dataset)
     rewrite_npz(path, slo_fundus=np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
