@@ -153,6 +153,34 @@ def run(
     _run_pipeline(config, force, as_json)
 
 
+@app.command()
+def generations(
+    config: Path = typer.Option(..., "--config", "-c", help="Pipeline YAML config (required)."),
+    count: int = typer.Option(3, "--generations", min=1, help="Generations, the real-data generation 0 included."),
+    regime: str = typer.Option("augment", "--regime", help="synthetic-only, augment or fresh."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write every generation's summary here."),
+) -> None:
+    """Retrain on the model's own images for N generations and print each group's FID, recall and diversity.
+
+    Self-consuming retraining (Mayer et al. 2024): nothing is registered; every generation is an
+    MLflow run tagged with its parent's. Regimes other than a small augment need
+    generations.max_synthetic_share in the config to lift the synthetic-share ceilings.
+    """
+    from fairdiffusion.data.generations import REGIMES
+
+    if regime not in REGIMES:
+        raise typer.BadParameter(f"'{regime}': one of {', '.join(REGIMES)}", param_hint="--regime")
+    load_config(config)  # fail on a bad config before Prefect starts
+    from flows.generations import fairdiffusion_generations
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
+    summaries = fairdiffusion_generations(config_path=str(config), generations=count, regime=regime)
+    if json_path is not None:
+        json_path.write_text(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))
+        typer.echo(f"Summary JSON   : {json_path}")
+
+
 _FORMAT = typer.Option(None, "--format", "-f", help="fairgenmed, ham10000 or chexpert (default: the config's).")
 
 
@@ -314,6 +342,7 @@ def audit(
     tracking = _tracking(config, model)
     if history and version is None and alias is None:
         decisions = registry.decision_history(tracking)
+        _warn_alias_problems(registry.alias_problems(tracking))
         if as_json:
             typer.echo(json.dumps([d.to_dict() for d in decisions], indent=2))
             return
@@ -327,6 +356,7 @@ def audit(
     if (version is None) == (alias is None):
         raise FairDiffusionError("audit: give exactly one of --version N or --alias NAME (or --history alone)")
     lineage = registry.read_lineage(tracking, version=version, alias=alias)
+    _warn_alias_problems(lineage.alias_problems)
     if report is not None:
         from fairdiffusion.registry.audit import render_audit_page
 
@@ -344,6 +374,13 @@ def audit(
         typer.echo(json.dumps(lineage.to_dict(), indent=2, sort_keys=True, default=str))
     else:
         _print_table(lineage.to_dict())
+
+
+def _warn_alias_problems(problems: list[str]) -> None:
+    """Aliases the decision log does not explain, on stderr (the JSON carries them as ``alias_problems``)."""
+    if problems:
+        listed = "".join(f"\n  - {p}" for p in problems)
+        typer.echo(f"warning: the registry disagrees with its decision log:{listed}", err=True)
 
 
 _REASON = typer.Option(..., "--reason", help="Why; recorded in the audit trail.")

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from fairdiffusion import files
 from fairdiffusion.errors import ConfigError
@@ -200,6 +201,10 @@ class ValidationConfig(_Section):
     #: Rows whose ``source`` is ``synthetic`` may make up at most this share of the
     #: training splits (the test split must be entirely real). Bounds a self-consuming loop.
     max_synthetic_fraction: float = Field(0.2, ge=0, le=1)
+    #: ... and of each group's training rows (every group of every attribute): a minority
+    #: topped up with synthetic images is where self-consuming retraining does its damage
+    #: first (Mayer et al. 2024). 0.5: no group is more synthetic than real.
+    max_synthetic_fraction_per_group: float = Field(0.5, ge=0, le=1)
     #: Compared with the data the current champion was trained on, no group's share of
     #: its attribute (in training or in test) may move by more than this (0.05: five
     #: percentage points) ...
@@ -293,11 +298,68 @@ class FBPConfig(_Section):
     #: Warn when sigma sits at a bound, or the subgroup loss gap stays flat, this many windows.
     warn_windows: int = Field(5, ge=2)
 
+    # Variants: each is a departure from the paper, off by default (the defaults are the
+    # paper). The reasons come from a simulation of the controller with FairGenMed-like
+    # groups (issue 11); fairdiffusion.training.fbp_variants documents each in full.
+
+    #: ``step`` (paper): one GP point per step, y = minus the summed group loss gaps of
+    #: that step's batch. ``window``: one GP point per window (x: the mean of the sigmas
+    #: used in it), y from the group means over the whole window of losses divided by
+    #: their timestep bucket's mean over the window. Why: the per-step gap is noise
+    #: (spread ~0.08 against a group effect ~0.003), mostly from the timestep draw, and it
+    #: is measured before the step that uses the sigma. Needs ``history_windows`` >= 2.
+    objective: Literal["step", "window"] = "step"
+    #: Equal-width buckets of the scheduler's training timesteps (``objective: window``).
+    timestep_buckets: int = Field(10, ge=1)
+    #: The GP is fitted on the points of the last K windows (paper: 1, the current one).
+    #: Why: one window is 30 points in 7+ dimensions along a one-dimensional path.
+    history_windows: int = Field(1, ge=1)
+    #: ``uniform`` (paper): sigma <- rho sigma + (1 - rho) U(0,1) every step.
+    #: ``candidate``: sigma <- rho sigma + (1 - rho) clip(c + candidate_noise N(0,1), 0, 1),
+    #: c the last GP optimum. Why: mixing toward U(0,1) pulls sigma to 0.5 (it stayed in
+    #: [0.38, 0.60] when the GP's targets were 0.1 and 0.9).
+    mix_toward: Literal["uniform", "candidate"] = "uniform"
+    #: Standard deviation of the exploration around the candidate (``mix_toward: candidate``).
+    candidate_noise: float = Field(0.1, gt=0, le=1)
+    #: ``gaussian`` (paper): w = 1 + sum_a sigma eps (negative for 12% of samples at sigma
+    #: 0.5, i.e. gradient ascent). ``lognormal``: w = exp(sum_a (sigma eps - sigma^2 / 2)),
+    #: mean 1 and always positive. ``clipped``: the paper's w clipped at 0, then divided by
+    #: its mean over the global batch (so the loss scale stays that of the other arms).
+    weights: Literal["gaussian", "lognormal", "clipped"] = "gaussian"
+    #: The GP also tunes a weight mean offset per group (the first group of each attribute
+    #: is the reference, offset 0), so a group can be up-weighted on average. Why: with
+    #: the paper's weights E[w] = 1 whatever sigma is: only the variance is controlled.
+    mean_shift: bool = False
+    #: Bound of the summed offsets: a sample's mean weight stays in [1 - m, 1 + m]
+    #: (lognormal: [e^-m, e^m]); each attribute's offsets lie in [-m / A, m / A].
+    mean_shift_max: float = Field(0.5, gt=0, lt=1)
+
     @model_validator(mode="after")
     def _lag_inside_window(self) -> FBPConfig:
         if self.fit_lag >= self.time_window:
             raise ValueError(f"fit_lag {self.fit_lag} must be below time_window {self.time_window}")
         return self
+
+    @model_validator(mode="after")
+    def _window_objective_has_history(self) -> FBPConfig:
+        if self.objective == "window" and self.history_windows < 2:
+            raise ValueError(
+                "history_windows must be at least 2 with objective: window (one GP point per window; 10 or more "
+                f"is sensible), got {self.history_windows}"
+            )
+        return self
+
+    def is_paper(self) -> bool:
+        """Whether every variant knob is at the paper's setting."""
+        return all(getattr(self, name) == field.default for name, field in _FBP_VARIANT_FIELDS.items())
+
+
+#: The knobs of FBPConfig that depart from the paper (their defaults are the paper's).
+_FBP_VARIANT_FIELDS = {
+    name: field
+    for name, field in FBPConfig.model_fields.items()
+    if name not in {"time_window", "exploitation_rate", "ucb_beta", "fit_lag", "warn_windows"}
+}
 
 
 class SamplingConfig(_Section):
@@ -330,10 +392,42 @@ def moved_training_keys(training: object) -> list[str]:
     return [f"training.{key} moved to {new}" for key, new in MOVED_TRAINING_KEYS.items() if key in training]
 
 
+class MadRegularizerConfig(_Section):
+    """The MADness regulariser (Mayer et al. 2024; the math in ``fairdiffusion/training/mad.py``).
+
+    Penalises, per group with uniform group weights, the discrepancy between the update of
+    the effective LoRA weights ``(alpha / r) B A`` estimated on real data and the one
+    estimated on the model's own samples (drawn without gradients). Needs ``lora_rank``.
+    """
+
+    #: lambda; 0 (the default) turns it off.
+    weight: float = Field(0.0, ge=0)
+    #: eta of the one-step estimator ``dW - eta * dL/d(dW)``.
+    step_size: float = Field(1.0, gt=0)
+    #: Synthetic images drawn per step (one per real prompt of the batch when ``None``).
+    synthetic_batch_size: int | None = Field(None, ge=1)
+    #: Denoising steps of the no-gradient sampling of the synthetic batch.
+    inference_steps: int = Field(10, ge=1)
+
+
 class TrainingConfig(_Section):
     """Fine-tuning of the UNet, with or without Fair Bayesian Perturbation."""
 
-    method: Literal["fair", "baseline"] = "fair"
+    #: ``fair``: Fair Bayesian Perturbation (``fbp``). ``baseline``: plain fine-tuning.
+    #: ``reweight``: each sample's loss times a fixed weight inversely proportional to
+    #: its group's frequency in the training rows (mean 1 over them). ``balanced``: the
+    #: data loader draws rows (seeded, with replacement) so that every group is equally
+    #: likely; losses unweighted. Groups of both: ``balance_attributes``.
+    method: Literal["fair", "baseline", "reweight", "balanced"] = "fair"
+    #: ``reweight`` and ``balanced``: a group is one combination of these attributes'
+    #: groups present in the training rows (``None``: all of ``data.attributes``).
+    #: Ignored by the other methods.
+    balance_attributes: list[str] | None = Field(None, min_length=1)
+    #: Cap on a group's weight (``reweight``) or on its sampling rate relative to a row
+    #: drawn uniformly (``balanced``); the weights are then rescaled to mean 1, repeatedly,
+    #: until none exceeds it. A tiny intersectional group (1 row in 360 among 12 groups
+    #: would get 30) must not dominate the gradient. ``None``: no cap.
+    max_group_weight: float | None = Field(10.0, ge=1)
     output_dir: Path = Path("outputs/train")
     resolution: int = Field(32, ge=8)
     #: Images per process and per micro-step; the global batch is
@@ -384,6 +478,7 @@ class TrainingConfig(_Section):
     fbp: FBPConfig = FBPConfig()
     sampling: SamplingConfig = SamplingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    mad_regularizer: MadRegularizerConfig = MadRegularizerConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -399,6 +494,13 @@ class TrainingConfig(_Section):
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("lora_alpha needs lora_rank")
         return self
+
+    @field_validator("balance_attributes")
+    @classmethod
+    def _distinct_balance_attributes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{value}: name each attribute once")
+        return value
 
 
 class ExtractorConfig(_Section):
@@ -444,6 +546,10 @@ class ClinicalConfig(_Section):
         return self
 
 
+#: ``evaluation.ci_method`` values that were renamed, and their new names.
+RENAMED_CI_METHODS: dict[str, str] = {"bias_corrected": "bias_shifted_percentile"}
+
+
 class EvaluationConfig(_Section):
     """Generation of test images and the subgroup metrics computed on them."""
 
@@ -468,9 +574,11 @@ class EvaluationConfig(_Section):
     #: Bootstrap resamples per slice and per attribute (0: no intervals).
     bootstrap_resamples: int = Field(1000, ge=0)
     confidence_level: float = Field(0.95, gt=0, lt=1)
-    #: ``bias_corrected``: percentiles shifted by the bootstrap bias (FID is inflated in
-    #: a resample); ``percentile``: plain percentiles.
-    ci_method: Literal["bias_corrected", "percentile"] = "bias_corrected"
+    #: ``bias_shifted_percentile``: percentiles shifted by the bootstrap's estimate of
+    #: bias (FID is inflated in a resample); not Efron's BC or BCa. ``percentile``: plain
+    #: percentiles. ``bca``: Efron's bias-corrected and accelerated interval, computed by
+    #: ``scipy.stats.bootstrap`` (a jackknife per slice: slower for large slices).
+    ci_method: Literal["bias_shifted_percentile", "percentile", "bca"] = "bias_shifted_percentile"
     #: Seeded subsamples per attribute for matched-sample-size values (0: none).
     matched_draws: int = Field(20, ge=0)
     #: Real and generated images per group in the report's sample grids.
@@ -478,6 +586,19 @@ class EvaluationConfig(_Section):
     #: Features are cached here by (model, data, extractor); ``None``: ``<output_dir>/cache``.
     cache_dir: Path | None = None
     clinical: ClinicalConfig = ClinicalConfig()
+
+    @field_validator("ci_method", mode="before")
+    @classmethod
+    def _no_renamed_ci_method(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in RENAMED_CI_METHODS:
+            new = RENAMED_CI_METHODS[value]
+            raise PydanticCustomError(
+                "renamed_value",
+                "'{old}' was renamed '{new}' (a percentile interval shifted by the bootstrap's bias, "
+                "not Efron's BC or BCa); write evaluation.ci_method: {new}, or bca for Efron's BCa",
+                {"old": value, "new": new},
+            )
+        return value
 
 
 class GateConfig(_Section):
@@ -513,6 +634,27 @@ class TrackingConfig(_Section):
         return uri
 
 
+class GenerationsConfig(_Section):
+    """The self-consuming retraining experiment (``fairdiffusion generations``; Mayer et al. 2024).
+
+    Generation 0 trains on the real data; each later one on images its predecessor
+    generated for the training prompts (with provenance), mixed with real data by the
+    regime, and is evaluated on the same real test set. Never read by the pipeline.
+    """
+
+    #: Where each generation's dataset folder, model and report go (``generation-<g>/``).
+    output_dir: Path = Path("outputs/generations")
+    #: The MLflow experiment of the generation runs; ``None``: ``<tracking.experiment>-generations``.
+    #: The generations never touch the registry: no version of them becomes champion.
+    experiment: str | None = None
+    #: The synthetic-share ceiling of the experiment's data, overall and per group. ``None``
+    #: keeps ``validation``'s ceilings, which every regime but a tiny ``augment`` breaks at
+    #: generation 1: lifting them takes this explicit key, recorded on every generation run.
+    max_synthetic_share: float | None = Field(None, ge=0, le=1)
+    #: ``fresh`` regime: the share of the real training rows drawn anew for each generation.
+    fresh_fraction: float = Field(0.5, gt=0, le=1)
+
+
 class PipelineConfig(_Section):
     """Everything one pipeline run needs."""
 
@@ -523,6 +665,7 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    generations: GenerationsConfig = GenerationsConfig()
 
     @model_validator(mode="after")
     def _splits_are_disjoint(self) -> PipelineConfig:

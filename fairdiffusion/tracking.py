@@ -8,6 +8,8 @@ and the same code talks to a SQLite file or a tracking server.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +48,17 @@ def start_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str]) -> 
     return str(run.info.run_id)
 
 
+def find_open_run(tracking: TrackingConfig, tag: str, value: str) -> str | None:
+    """The oldest RUNNING run of the experiment whose ``tag`` is ``value``, or ``None``."""
+    client = mlflow_client(tracking)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None or "'" in value:
+        return None
+    query = f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"
+    found = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+    return str(found[0].info.run_id) if found else None
+
+
 def create_experiment(client: Any, tracking: TrackingConfig, name: str) -> str:
     """Create an experiment; with a local store, its artifacts go under ``artifact_root``."""
     from mlflow.exceptions import MlflowException
@@ -65,6 +78,78 @@ def create_experiment(client: Any, tracking: TrackingConfig, name: str) -> str:
 def end_run(tracking: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
     """Mark a run finished (or ``FAILED``)."""
     mlflow_client(tracking).set_terminated(run_id, status=status)
+
+
+def process_owner() -> str:
+    """This process as ``machine:pid:start``, recorded on a run so that a later run can tell it was orphaned.
+
+    ``machine`` is the host name and, on Linux, the PID namespace (containers on one host
+    share a name but not their pids); ``start`` is when the process started (Linux, else
+    empty), so that a pid reused by a newer process is not taken for the owner.
+    """
+    return f"{_machine()}:{os.getpid()}:{_process_stat(os.getpid())[1]}"
+
+
+def owner_has_ended(owner: str) -> bool:
+    """Whether the process an owner from :func:`process_owner` names has certainly ended.
+
+    Only a process of this machine can be checked; one of another machine, or a malformed
+    owner, counts as not ended, so a run is never closed under a process that may still
+    be writing to it. Ended: no process has the pid, or a zombie or a newer process has it.
+    """
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != _machine() or not parts[1].isdigit():
+        return False
+    pid, started = int(parts[1]), parts[2]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process has the pid: its start time tells whether it is the owner
+    state, now = _process_stat(pid)
+    return state == "Z" or bool(started and now and now != started)
+
+
+def _machine() -> str:
+    try:
+        return f"{socket.gethostname()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # no /proc (macOS, Windows): the host name alone
+        return socket.gethostname()
+
+
+def _process_stat(pid: int) -> tuple[str, str]:
+    """A process's state letter and start time (clock ticks since boot), from ``/proc``; empty where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return "", ""
+    return fields[0], fields[19]  # fields 3 and 22 of proc(5), counted after the command name
+
+
+def end_orphaned_runs(tracking: TrackingConfig, owner_tag: str, reason_tag: str) -> list[str]:
+    """End as ``KILLED`` the experiment's RUNNING runs whose owning process (tag ``owner_tag``) has ended.
+
+    A process killed outright (SIGKILL, the OOM killer) cannot close its run, which would
+    otherwise stay RUNNING for ever. Each run ended gets ``reason_tag`` saying why.
+
+    Returns:
+        The ids of the runs ended.
+    """
+    client = mlflow_client(tracking)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return []
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    orphans = [run for run in running if owner_has_ended(run.data.tags.get(owner_tag, ""))]
+    for run in orphans:
+        reason = (
+            f"its process {run.data.tags[owner_tag]} ended without closing it (killed); "
+            f"closed by the run of process {process_owner()}"
+        )
+        client.set_tag(run.info.run_id, reason_tag, reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [str(run.info.run_id) for run in orphans]
 
 
 def log_metrics(tracking: TrackingConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

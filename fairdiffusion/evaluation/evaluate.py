@@ -28,14 +28,27 @@ from fairdiffusion.config import EvaluationConfig
 from fairdiffusion.data.images import load_real_images
 from fairdiffusion.evaluation.cache import cache_key, fingerprint_files, model_fingerprint
 from fairdiffusion.evaluation.clinical import evaluate_clinical_semantics
+from fairdiffusion.evaluation.comparison import BaselineRun, compare_with_baseline
 from fairdiffusion.evaluation.features import FeatureExtractor, build_extractor, extract_features
 from fairdiffusion.evaluation.generation import generate_images, resolve_device
 from fairdiffusion.evaluation.image_metrics import IMAGE_METRICS, FeatureStatistics
-from fairdiffusion.evaluation.metric_keys import flatten_analysis, flatten_metrics, flatten_slice_sizes
+from fairdiffusion.evaluation.manifold import compute_manifold_slices
+from fairdiffusion.evaluation.metric_keys import (
+    flatten_analysis,
+    flatten_manifold,
+    flatten_metrics,
+    flatten_slice_sizes,
+)
 from fairdiffusion.evaluation.reference import floor_metrics, reference_metrics
 from fairdiffusion.evaluation.report import write_report
 from fairdiffusion.evaluation.results import ClinicalResult, EvaluationReport
-from fairdiffusion.evaluation.slices import SliceAnalysis, SliceSettings, analyse_slices, define_slices
+from fairdiffusion.evaluation.slices import (
+    SliceAnalysis,
+    SliceSettings,
+    analyse_slices,
+    define_slices,
+    matched_ci_method,
+)
 
 #: What the report says about how every FID here was measured.
 RESIZE_PROTOCOL = (
@@ -186,6 +199,8 @@ def _measure(
     metrics = flatten_analysis(quality, {m: (m, extractor_name) for m in quality.metric_names})
     metrics |= flatten_slice_sizes(quality)
     metrics |= flatten_metrics(quality.slices, quality.equity["fid"], extractor_name)
+    # Fidelity, coverage and spread per slice: what self-consuming retraining erodes first.
+    metrics |= flatten_manifold(compute_manifold_slices(features.real, features.generated, slices), extractor_name)
     if clinical is not None:
         tags = {label: ("auc", f"{clinical.classifier}/{label}") for label in clinical.classes}
         metrics |= flatten_analysis(clinical.analysis, tags)
@@ -234,6 +249,7 @@ def _protocol(
         "bootstrap_resamples": config.bootstrap_resamples,
         "confidence_level": config.confidence_level,
         "ci_method": config.ci_method,
+        "matched_ci_method": matched_ci_method(config.ci_method),
         "matched_draws": config.matched_draws,
         "min_slice_size": config.min_slice_size,
         "generation": images.generation,
@@ -302,6 +318,7 @@ def evaluate_model(
     *,
     train_samples: pd.DataFrame | None = None,
     reference_dir: str | None = None,
+    baseline: BaselineRun | None = None,
 ) -> EvaluationReport:
     """Generate images for the test prompts and measure quality, equity and clinical semantics.
 
@@ -317,6 +334,8 @@ def evaluate_model(
             generated from their prompts (without them, no clinical AUCs).
         reference_dir: The model the candidate was fine-tuned from; its FIDs on the same
             test prompts (``ref_base_...``) are what the gate's reference rule compares with.
+        baseline: A ``method: baseline`` run on the same data version; the report shows
+            the candidate's per-group deltas from its logged metrics.
 
     Returns:
         The report. Generated images (PNG) and features are cached under
@@ -351,6 +370,7 @@ def evaluate_model(
         protocol=protocol,
         quality=measured.quality,
         clinical=measured.clinical,
+        baseline=None if baseline is None else compare_with_baseline(metrics, baseline, attributes, extractor.name),
     )
     groups = test_samples[list(attributes)]
     return write_report(report, Path(config.output_dir), real, images.generated, groups, attributes, config)

@@ -15,8 +15,10 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+#: The Inception Score's metric name: it is computed in one split (see :func:`inception_score`).
+INCEPTION_SCORE = "is_1split"
 #: Image metrics and whether higher is better.
-IMAGE_METRICS: dict[str, bool] = {"fid": False, "kid": False, "is": True}
+IMAGE_METRICS: dict[str, bool] = {"fid": False, "kid": False, INCEPTION_SCORE: True}
 
 # Keep one batch of per-resample matrices under ~160 MB of float64.
 _BATCH_ELEMENTS = 20_000_000
@@ -152,9 +154,13 @@ def _mmd_from_kernels(k_rr: np.ndarray, k_gg: np.ndarray, k_rg: np.ndarray) -> n
 def inception_score(logits: np.ndarray) -> float:
     """Inception Score exp(E_x KL(p(y|x) || p(y))) of one set of images, in one split.
 
-    One split (not the usual ten): minority slices are too small to split. Computed
-    from cached logits (torchmetrics' ``InceptionScore`` re-runs the network on images),
-    so every slice and resample costs no extraction; tested against torchmetrics.
+    One split, not the usual ten (torchmetrics' default ``splits=10`` averages the score
+    of ten random tenths): a minority slice of 20 images would leave splits of two, and
+    the score depends on the split size, so a ten-split value of a slice is comparable
+    neither across slices nor with published numbers. The metric is therefore named
+    ``is_1split`` (:data:`INCEPTION_SCORE`) in every key. Computed from cached logits
+    (torchmetrics' ``InceptionScore`` re-runs the network on images), so every slice and
+    resample costs no extraction; tested against torchmetrics with ``splits=1``.
     """
     if len(logits) < 2:
         return float("nan")
@@ -204,7 +210,7 @@ class FeatureStatistics:
         self.real = np.asarray(real, dtype=np.float64)
         self.generated = np.asarray(generated, dtype=np.float64)
         self.log_probs = None if generated_logits is None else _log_softmax(np.asarray(generated_logits, np.float64))
-        self.metric_names = ["fid", "kid"] + ([] if self.log_probs is None else ["is"])
+        self.metric_names = ["fid", "kid"] + ([] if self.log_probs is None else [INCEPTION_SCORE])
         self.device = device
         self._kernels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if len(self.real) <= _MAX_CACHED_KERNEL:
@@ -230,7 +236,7 @@ class FeatureStatistics:
             out["fid"].append(_frechet_batch(self.real[rows], self.generated[rows], self.device))
             out["kid"].append(self._kid(rows))
             if self.log_probs is not None:
-                out["is"].append(_inception_score_batch(self.log_probs[rows]))
+                out[INCEPTION_SCORE].append(_inception_score_batch(self.log_probs[rows]))
         return {name: np.concatenate(values) for name, values in out.items()}
 
     def _kid(self, rows: np.ndarray) -> np.ndarray:

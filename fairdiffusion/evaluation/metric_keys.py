@@ -10,6 +10,11 @@ from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
 NUM_SAMPLES = "num_samples"
 
 
+def interval_keys(key: str) -> tuple[str, str]:
+    """The keys of ``key``'s bootstrap bounds: ``("ci_low/<key>", "ci_high/<key>")``."""
+    return f"ci_low/{key}", f"ci_high/{key}"
+
+
 def fid_metric_names(extractor: str) -> dict[str, str]:
     """The FID key stems the gate reads, taken from :func:`metric_key_stems` so both name alike."""
     stems = metric_key_stems("fid", extractor)
@@ -58,7 +63,8 @@ def flatten_analysis(analysis: SliceAnalysis, tags: Mapping[str, tuple[str, str]
     def put(key: str, value: float | str, interval: Sequence[float] | None = None) -> None:
         flat[key] = float(value)
         if interval is not None:
-            flat[f"ci_low/{key}"], flat[f"ci_high/{key}"] = float(interval[0]), float(interval[1])
+            low, high = interval_keys(key)
+            flat[low], flat[high] = float(interval[0]), float(interval[1])
 
     for metric in analysis.metric_names:
         name, tag = tags[metric]
@@ -123,4 +129,15 @@ def reference_keys(extractor: str) -> dict[str, str]:
         "half": f"fid_half_{extractor}/{OVERALL}",
         "over_floor": f"fid_over_floor_{extractor}/{OVERALL}",
         "base": f"ref_base_fid_{extractor}/{OVERALL}",
+    }
+
+
+def flatten_manifold(table: Mapping[str, Mapping[str, float]], extractor: str) -> dict[str, float]:
+    """``precision_<x>/<slice>``, ``recall_<x>/<slice>`` and ``diversity_<x>/<slice>`` of
+    :func:`fairdiffusion.evaluation.manifold.compute_manifold_slices`' table."""
+    return {
+        f"{metric_key_stems(metric, extractor)['value']}/{slice_name}": float(value)
+        for slice_name, values in table.items()
+        for metric, value in values.items()
+        if metric != "num_samples"
     }

@@ -26,12 +26,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fairdiffusion.config import EvaluationConfig
+from fairdiffusion.evaluation.comparison import BaselineComparison
+from fairdiffusion.evaluation.image_metrics import INCEPTION_SCORE
 from fairdiffusion.evaluation.metric_keys import reference_keys
 from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
 
-METRIC_TITLES = {"fid": "FID", "kid": "KID", "is": "IS"}
-METRIC_DIRECTION = {"fid": "lower is better", "kid": "lower is better", "is": "higher is better"}
+METRIC_TITLES = {"fid": "FID", "kid": "KID", INCEPTION_SCORE: "IS (1 split)"}
+METRIC_DIRECTION = {"fid": "lower is better", "kid": "lower is better", INCEPTION_SCORE: "higher is better"}
 
 DEFINITIONS = [
     (
@@ -53,9 +55,11 @@ DEFINITIONS = [
         "groups are not penalised for their size (it can be slightly negative).",
     ),
     (
-        "IS",
-        "Inception Score exp(E KL(p(y|x) || p(y))) of the generated images (one split), only for an "
-        "extractor with a classifier head. Higher is better.",
+        "IS (1 split)",
+        "Inception Score exp(E KL(p(y|x) || p(y))) of the generated images of the slice in one split "
+        "(keys is_1split_...), not the usual mean over ten splits: a small slice cannot be split ten ways, "
+        "and the score depends on the split size. Only for an extractor with a classifier head. Higher is "
+        "better.",
     ),
     (
         "Equity scaling",
@@ -75,10 +79,14 @@ DEFINITIONS = [
         "Intervals",
         "Bootstrap over test subjects (seeded): each slice resampled with replacement on its own; ES, D, "
         "D/M and gaps resampled stratified by group, the overall value recomputed on the same resample; "
-        "matched-size values by an m-out-of-n bootstrap. 'bias_corrected' intervals are the bootstrap "
-        "percentiles shifted by the bootstrap's bias (mean of the resamples minus the estimate): "
-        "duplicated subjects inflate FID in a resample. Bounds are clipped at 0 for non-negative "
-        "quantities. An interval is missing (nan) when fewer than half of the resamples gave a value.",
+        "matched-size values by an m-out-of-n bootstrap. The protocol's ci_method names the interval: "
+        "'bias_shifted_percentile', the bootstrap percentiles shifted by the bootstrap's bias (mean of the "
+        "resamples minus the estimate; not Efron's BC or BCa), because duplicated subjects inflate FID in a "
+        "resample, with bounds clipped at 0 for non-negative quantities; 'percentile', the plain "
+        "percentiles; 'bca', Efron's bias-corrected and accelerated interval (scipy.stats.bootstrap, with a "
+        "jackknife over subjects; matched-size values then keep 'bias_shifted_percentile'). A percentile "
+        "interval is missing (nan) when fewer than half of the resamples gave a value; a BCa interval when "
+        "any resample or leave-one-out sample gave none.",
     ),
     (
         "Small slices",
@@ -189,7 +197,53 @@ def _image_titles(report: EvaluationReport) -> dict[str, str]:
     return {m: f"{METRIC_TITLES.get(m, m)} ({report.extractor})" for m in IMAGE_METRIC_ORDER}
 
 
-IMAGE_METRIC_ORDER = ("fid", "kid", "is")
+IMAGE_METRIC_ORDER = ("fid", "kid", INCEPTION_SCORE)
+
+
+BASELINE_NOTE = (
+    "Each value as the run's own evaluation logged it, with its own interval; delta = this run minus the "
+    "baseline. Both runs were judged on the same test subjects, so overlapping intervals do not show that "
+    "a delta is noise, nor separate ones that it is not."
+)
+
+
+def baseline_heading(comparison: BaselineComparison) -> str:
+    """The title of the baseline comparison: which run, and how it was found."""
+    return f"Against the baseline: {comparison.source} (run {comparison.run_id}), same data version"
+
+
+def _baseline_rows(comparison: BaselineComparison) -> tuple[list[str], list[list[str]]]:
+    headers = ["metric", "baseline", "this run", "delta", "this run is"]
+    rows = []
+    for d in comparison.deltas:
+        sign = "+" if d.delta > 0 else ""
+        rows.append(
+            [
+                d.key,
+                _with_ci(d.baseline, d.baseline_interval),
+                _with_ci(d.candidate, d.candidate_interval),
+                f"{sign}{_num(d.delta)}",
+                d.verdict,
+            ]
+        )
+    return headers, rows
+
+
+def _baseline_markdown(comparison: BaselineComparison) -> list[str]:
+    lines = ["", f"## {baseline_heading(comparison)}", "", BASELINE_NOTE, ""]
+    if not comparison.deltas:
+        return [*lines, "No metric key in common (evaluated with another extractor?)."]
+    return lines + _md_table(*_baseline_rows(comparison))
+
+
+def _baseline_html(comparison: BaselineComparison) -> str:
+    parts = [
+        f"<h2>{html.escape(baseline_heading(comparison))}</h2>",
+        f"<p class='muted'>{html.escape(BASELINE_NOTE)}</p>",
+    ]
+    if not comparison.deltas:
+        return "".join([*parts, "<p>No metric key in common (evaluated with another extractor?).</p>"])
+    return "".join([*parts, _html_table(*_baseline_rows(comparison))])
 
 
 def _protocol_rows(report: EvaluationReport) -> list[list[str]]:
@@ -248,6 +302,8 @@ def render_markdown(report: EvaluationReport, charts: Sequence[str] = ()) -> str
     lines += _md_table(*_slice_rows(quality, titles))
     if reference_lines(report):
         lines += ["", "## References", ""] + [f"- {line}" for line in reference_lines(report)]
+    if report.baseline is not None:
+        lines += _baseline_markdown(report.baseline)
     lines += ["", "## Equity (full sample sizes)", ""]
     lines += _md_table(*_equity_rows(quality, titles))
     if quality.matched:
@@ -489,6 +545,8 @@ def render_html(report: EvaluationReport, charts: Sequence[Path], grids: Mapping
             f"<li>{len(quality.slices)} slices; {len(flagged)} flagged ⚑ with fewer than "
             f"{report.protocol.get('min_slice_size')} images.</li></ul>"
         )
+        if report.baseline is not None:
+            parts.append(_baseline_html(report.baseline))
         parts.append(f"<h2>Equity (full sample sizes, {level} intervals)</h2>")
         parts.append(_html_table(*_equity_rows(quality, titles)))
         if quality.matched:

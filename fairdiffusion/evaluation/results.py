@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fairdiffusion.evaluation.comparison import BaselineComparison
 from fairdiffusion.evaluation.slices import SliceAnalysis
 
 
@@ -57,6 +58,8 @@ class EvaluationReport:
     clinical: ClinicalResult | None = None
     #: Attribute -> sample grid PNG (real beside generated, per group).
     grids: dict[str, str] = field(default_factory=dict)
+    #: The deltas from a ``method: baseline`` run on the same data version, when one exists.
+    baseline: BaselineComparison | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form (the ``evaluation.json`` artifact)."""
@@ -70,6 +73,8 @@ class EvaluationReport:
             raw["quality"] = SliceAnalysis.from_dict(raw["quality"])
         if raw.get("clinical") is not None:
             raw["clinical"] = ClinicalResult.from_dict(raw["clinical"])
+        if raw.get("baseline") is not None:
+            raw["baseline"] = BaselineComparison.from_dict(raw["baseline"])
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 

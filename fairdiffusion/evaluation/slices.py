@@ -11,9 +11,10 @@ combination of two or more attributes, in the configured attribute order
 (``race/Black/gender/Female/ethnicity/Hispanic``).
 
 Flat metric keys (MLflow, the gate). ``<x>`` is the feature extractor (``randcnn32``,
-``inception_v3``), ``<m>`` an image metric (``fid``, ``kid``, ``is``; ``is`` only where
-the extractor has a classifier head), ``<c>`` the clinical classifier (``small``,
-``efficientnet``, ``vit``) and ``<label>`` a prompted clinical label (``glaucoma``...):
+``inception_v3``), ``<m>`` an image metric (``fid``, ``kid``, ``is_1split``: the
+Inception Score in one split, only where the extractor has a classifier head), ``<c>``
+the clinical classifier (``small``, ``efficientnet``, ``vit``) and ``<label>`` a
+prompted clinical label (``glaucoma``...):
 
 - ``<m>_<x>/<slice>``: the metric on one slice; ``num_samples/<slice>``: its image count;
   ``small_slice/<slice>``: 1.0 when the slice is below ``evaluation.min_slice_size``.
@@ -28,7 +29,8 @@ the extractor has a classifier head), ``<c>`` the clinical classifier (``small``
   ``auc_disparity_<c>/<label>/<attr>``, ``auc_rel_disparity_<c>/<label>/<attr>``,
   ``auc_gap_<c>/<label>/<attr>``.
 - Intervals: for every key ``K`` above that has a bootstrap interval, ``ci_low/K`` and
-  ``ci_high/K`` (the level is in the evaluation protocol, ``confidence_level``).
+  ``ci_high/K`` (the level and method are in the evaluation protocol, ``confidence_level``
+  and ``ci_method``).
 
 Every image-metric key carries the extractor's name, so a random-feature FID can never
 be read as an Inception FID.
@@ -44,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from fairdiffusion.evaluation.bca import bca_intervals
 from fairdiffusion.evaluation.image_metrics import FeatureStatistics
 
 OVERALL = "overall"
@@ -193,7 +196,9 @@ class SliceSettings:
         matched_draws: Seeded subsamples per attribute for matched-size values (0: none).
         min_slice_size: Slices with fewer images are flagged in the report.
         seed: Seed of every resample and draw.
-        ci_method: ``bias_corrected`` or ``percentile`` (see :func:`_interval`).
+        ci_method: ``bias_shifted_percentile``, ``percentile`` (see :func:`_interval`) or
+            ``bca`` (Efron's BCa through ``scipy.stats.bootstrap``; matched-size values then
+            use :func:`matched_ci_method`).
     """
 
     resamples: int = 1000
@@ -201,7 +206,7 @@ class SliceSettings:
     matched_draws: int = 20
     min_slice_size: int = 10
     seed: int = 0
-    ci_method: str = "bias_corrected"
+    ci_method: str = "bias_shifted_percentile"
 
 
 @dataclass(frozen=True)
@@ -245,12 +250,23 @@ class SliceAnalysis:
         return {a: str(stats["worst_group"]) for a, stats in self.equity.get(metric, {}).items()}
 
 
+def matched_ci_method(method: str) -> str:
+    """The interval method of matched-size values under ``method``.
+
+    BCa needs a jackknife of the sample the estimate comes from, and matched-size values
+    come from an m-out-of-n bootstrap that ``scipy.stats.bootstrap`` does not offer, so
+    under ``bca`` they keep ``bias_shifted_percentile``.
+    """
+    return "bias_shifted_percentile" if method == "bca" else method
+
+
 def _interval(replicates: np.ndarray, level: float, point: float, method: str) -> list[float]:
     """A bootstrap interval from replicates of a statistic whose estimate is ``point``.
 
-    ``percentile``: the replicates' percentiles. ``bias_corrected``: the same percentiles
-    shifted by the bootstrap's estimate of bias, mean(replicates) - point (Efron and
-    Tibshirani 1993, Sec. 10.2). FID and D = sum |M - M_g| are biased upwards in a
+    ``percentile``: the replicates' percentiles. ``bias_shifted_percentile``: the same
+    percentiles shifted by the bootstrap's estimate of bias, mean(replicates) - point
+    (the bias estimate of Efron and Tibshirani 1993, Sec. 10.2; this is *not* their BC or
+    BCa interval, which is ``bca``). FID and D = sum |M - M_g| are biased upwards in a
     resample (duplicated subjects shrink the effective sample, and absolute values only
     add), so plain percentile intervals of small slices can lie wholly above the
     estimate; the shift keeps the bootstrap's spread around the estimate. A bound below
@@ -262,7 +278,7 @@ def _interval(replicates: np.ndarray, level: float, point: float, method: str) -
         return [float("nan"), float("nan")]
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(finite, [tail, 100 - tail])
-    if method == "bias_corrected":
+    if method == "bias_shifted_percentile":
         shift = float(finite.mean()) - point
         low, high = low - shift, high - shift
         if point >= 0 and finite.min() >= 0:
@@ -286,15 +302,17 @@ def analyse_slices(
     settings: SliceSettings,
     matched: bool = True,
 ) -> SliceAnalysis:
-    """Every slice's metrics with percentile bootstrap intervals, equity, and matched sizes.
+    """Every slice's metrics with bootstrap intervals, equity, and matched sizes.
 
     Intervals resample subjects (a real image with the image generated from its prompt)
     with replacement. Each slice is resampled on its own; an attribute's ES, D, D/M and
     largest gap are resampled stratified by group, with the overall value computed on
     the union of the groups' resamples, so every number in one replicate comes from the
-    same resampled subjects. Written here rather than with ``scipy.stats.bootstrap``
-    because that stratified replicate must feed many metrics and derived values at once,
-    and the matched-size intervals need an m-out-of-n resample scipy does not offer.
+    same resampled subjects. The percentile methods are written here, one set of
+    resamples feeding every metric and derived value; ``bca`` hands the same resampling
+    (subjects, stratified by group) to ``scipy.stats.bootstrap``, which adds a jackknife.
+    Matched-size intervals need an m-out-of-n resample scipy does not offer
+    (:func:`matched_ci_method`).
 
     Duplicated subjects inflate FID in a resample, so for small slices a percentile
     interval can sit above the point estimate; the report says so.
@@ -327,15 +345,12 @@ def analyse_slices(
                 higher_is_better[metric],
             )
         if settings.resamples > 0:
-            stratified = _stratified_replicates(
-                statistic, metric_names, higher_is_better, slices, keys, resampled, replicates, settings, rng
+            points = {metric: equity[metric][attribute] for metric in metric_names}
+            bounds = _attribute_intervals(
+                statistic, metric_names, higher_is_better, slices, keys, (resampled, replicates), points, settings, rng
             )
-            for metric, stats in stratified.items():
-                point = equity[metric][attribute]
-                equity_intervals[metric][attribute] = {
-                    s: _interval(v, settings.confidence_level, float(point[s]), settings.ci_method)
-                    for s, v in stats.items()
-                }
+            for metric in metric_names:
+                equity_intervals[metric][attribute] = bounds[metric]
 
     matched_values: dict[str, MatchedEquity] = {}
     if matched and settings.matched_draws > 0:
@@ -369,12 +384,110 @@ def _slice_intervals(
     intervals: dict[str, dict[str, list[float]]] = {}
     if settings.resamples <= 0:
         return resampled, replicates, intervals
+    if settings.ci_method == "bca":
+        return resampled, replicates, _bca_slice_intervals(statistic, metric_names, slices, settings, rng)
     level, method = settings.confidence_level, settings.ci_method
     for name, rows in slices.items():
         resampled[name] = _resample(rng, rows, settings.resamples)
         replicates[name] = statistic(resampled[name])
         intervals[name] = {m: _interval(replicates[name][m], level, table[name][m], method) for m in metric_names}
     return resampled, replicates, intervals
+
+
+def _bca_slice_intervals(
+    statistic: Statistic,
+    metric_names: Sequence[str],
+    slices: Mapping[str, np.ndarray],
+    settings: SliceSettings,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, list[float]]]:
+    """Each slice's BCa intervals: its subjects resampled, and left out one at a time, by scipy."""
+    nan = [float("nan"), float("nan")]
+
+    def quantities(batches: Sequence[np.ndarray]) -> np.ndarray:
+        values = statistic(batches[0])
+        return np.stack([values[m] for m in metric_names])
+
+    intervals: dict[str, dict[str, list[float]]] = {}
+    for name, rows in slices.items():
+        if len(rows) < 2:
+            intervals[name] = {m: list(nan) for m in metric_names}
+            continue
+        bounds = bca_intervals([rows], quantities, settings.resamples, settings.confidence_level, rng)
+        intervals[name] = {m: [float(b[0]), float(b[1])] for m, b in zip(metric_names, bounds, strict=True)}
+    return intervals
+
+
+def _attribute_intervals(
+    statistic: Statistic,
+    metric_names: Sequence[str],
+    higher_is_better: Mapping[str, bool],
+    slices: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    slice_resamples: tuple[Mapping[str, np.ndarray], Mapping[str, Mapping[str, np.ndarray]]],
+    points: Mapping[str, Mapping[str, float | str]],
+    settings: SliceSettings,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, list[float]]]:
+    """One attribute's ES, D, D/M and gap intervals: metric -> {stat: [low, high]}.
+
+    ``slice_resamples`` (the slices' resamples and their metrics) are reused by the
+    percentile methods; ``points`` are the estimates, metric -> equity stats.
+    """
+    if settings.ci_method == "bca":
+        return _bca_equity_intervals(statistic, metric_names, higher_is_better, slices, keys, settings, rng)
+    resampled, replicates = slice_resamples
+    stratified = _stratified_replicates(
+        statistic, metric_names, higher_is_better, slices, keys, resampled, replicates, settings, rng
+    )
+    level, method = settings.confidence_level, settings.ci_method
+    return {
+        metric: {s: _interval(v, level, float(points[metric][s]), method) for s, v in stats.items()}
+        for metric, stats in stratified.items()
+    }
+
+
+_EQUITY_STATS = ("es", "disparity", "relative_disparity", "max_gap")
+
+
+def _bca_equity_intervals(
+    statistic: Statistic,
+    metric_names: Sequence[str],
+    higher_is_better: Mapping[str, bool],
+    slices: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    settings: SliceSettings,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, list[float]]]:
+    """BCa intervals of one attribute's equity stats, resampled stratified by group.
+
+    The strata are the groups and the subjects in none of them; scipy resamples (and
+    jackknifes) each stratum of two or more subjects, the others stay as they are.
+    """
+    listed = np.concatenate([slices[k] for k in keys])
+    strata = [slices[k] for k in keys] + [np.setdiff1d(slices[OVERALL], listed)]
+    varied = [i for i, rows in enumerate(strata) if len(rows) >= 2]
+
+    def quantities(batches: Sequence[np.ndarray]) -> np.ndarray:
+        count = len(batches[0])
+        full = [np.broadcast_to(rows, (count, len(rows))) for rows in strata]
+        for i, batch in zip(varied, batches, strict=True):
+            full[i] = batch
+        groups = [statistic(full[i]) for i in range(len(keys))]
+        overall = statistic(np.concatenate(full, axis=1))
+        stacked = []
+        for metric in metric_names:
+            stats = _equity_arrays(overall[metric], [g[metric] for g in groups], higher_is_better[metric])
+            stacked += [stats[s] for s in _EQUITY_STATS]
+        return np.stack(stacked)
+
+    if varied:
+        samples = [strata[i] for i in varied]
+        bounds = bca_intervals(samples, quantities, settings.resamples, settings.confidence_level, rng)
+    else:
+        bounds = np.full((len(metric_names) * len(_EQUITY_STATS), 2), np.nan)
+    pairs = iter(bounds)
+    return {m: {s: [float(v) for v in next(pairs)] for s in _EQUITY_STATS} for m in metric_names}
 
 
 def _stratified_replicates(
@@ -436,7 +549,7 @@ def _matched(
         for metric in metric_names:
             equity[metric] = equity_scaled(nan, {}, higher_is_better[metric])
         return MatchedEquity(size, settings.matched_draws, values, intervals, equity, equity_intervals)
-    draws, level, method = settings.matched_draws, settings.confidence_level, settings.ci_method
+    draws, level, method = settings.matched_draws, settings.confidence_level, matched_ci_method(settings.ci_method)
     per_draw: dict[str, dict[str, np.ndarray]] = {}
     for key in keys:
         rows = pools[key]

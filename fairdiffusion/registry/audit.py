@@ -105,13 +105,16 @@ class Lineage:
     training: TrainingLineage
     metrics: MetricsLineage
     gate: GateLineage
-    #: The version's ``fd.status`` (champion, awaiting-approval, rejected).
+    #: Derived from the aliases and the decision log at read time (champion, replaced,
+    #: awaiting-approval, rejected, unrecorded); see :mod:`fairdiffusion.registry.status`.
     status: str | None
     #: Every decision on this version, oldest first.
     decisions: list[DecisionRecord]
     created_at: str
     #: The DVC version of the pretrained model that was fine-tuned (``None``s for a preset or hub id).
     base_model: DataLineage = field(default_factory=lambda: DataLineage(None, None, None))
+    #: Aliases of the model the decision log does not explain, and champion moves it does not record.
+    alias_problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (what ``fairdiffusion audit --json`` prints)."""
@@ -206,8 +209,14 @@ def _summary_section(lineage: Lineage) -> list[str]:
         ["gate policy", f"{gate.policy_file} (sha256 {gate.policy_hash})"],
         ["compared with champion", gate.compared_with_version or "none (first model)"],
     ]
+    problems = [
+        "<p class='fail'>The registry disagrees with its decision log:</p><ul>"
+        + "".join(f"<li class='fail'>{_e(p)}</li>" for p in lineage.alias_problems)
+        + "</ul>"
+    ]
     return [
         f"<h1>Audit of {_e(lineage.model)} version {_e(lineage.version)}</h1>",
+        *(problems if lineage.alias_problems else []),
         f"<p>Aliases: <b>{_e(', '.join(lineage.aliases) or 'none')}</b> · status "
         f"<b>{_e(lineage.status)}</b> · gate {_verdict(gate.passed)} · created "
         f"{_e(lineage.created_at)} · MLflow run <code>{_e(lineage.run_id)}</code></p>",

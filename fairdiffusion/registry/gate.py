@@ -15,10 +15,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from fairdiffusion.evaluation.metric_keys import fid_metric_names, metric_key_stems, reference_keys
 from fairdiffusion.evaluation.slices import OVERALL
-from fairdiffusion.registry.policy import AbsoluteRules, GatePolicy, NonRegressionRules, ReferenceRules, threshold_for
+from fairdiffusion.registry.policy import (
+    AbsoluteRules,
+    GatePolicy,
+    MadnessRules,
+    NonRegressionRules,
+    ReferenceRules,
+    threshold_for,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,11 @@ class GateDecision:
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form for the registry and the audit."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
+        """The decision :meth:`to_dict` wrote (the run's ``lineage/gate_decision.json``)."""
+        return cls(**{**data, "checks": [RuleCheck(**check) for check in data.get("checks", [])]})
 
 
 def _finite(value: float | None) -> bool:
@@ -259,6 +272,55 @@ def check_non_regression(
     return checks
 
 
+def _group_loss(
+    candidate: Mapping[str, float], reference: Mapping[str, float], key: str, tolerance: float, label: str
+) -> RuleCheck:
+    """One group's relative loss of a higher-is-better metric (``<metric>_<x>/<attr>/<group>``); fails closed."""
+    metric, group = key.split("_", 1)[0], "=".join(key.split("/")[1:3])
+    rule, before, now = f"madness_{metric}", reference.get(key), candidate.get(key)
+    if before is None or not math.isfinite(before) or before <= 0:
+        detail = f"MADness: {label} has no usable {key} ({before}); cannot show {group} kept its {metric}"
+        return _check(candidate, rule, key, None, False, detail)
+    if now is None or not math.isfinite(now):
+        return _check(candidate, rule, key, None, False, f"MADness: required metric {key} is {now}")
+    loss = 1 - now / before
+    ok = loss <= tolerance
+    detail = (
+        f"MADness: {group} lost {max(loss, 0.0):.0%} of its {metric} vs {label} "
+        f"({before:.3g} -> {now:.3g}; tolerance {tolerance:.0%})"
+    )
+    return _check(candidate, rule, key, before * (1 - tolerance), ok, detail)
+
+
+def check_madness(
+    candidate: Mapping[str, float],
+    reference: Mapping[str, float] | None,
+    label: str,
+    attributes: Mapping[str, Sequence[str]],
+    extractor: str,
+    rules: MadnessRules,
+) -> list[RuleCheck]:
+    """No group loses more of its diversity ratio or recall than the policy tolerates (Mayer et al. 2024).
+
+    Applies to a candidate trained on synthetic rows. ``reference`` is generation 0 of a
+    generations experiment, else the champion; without one the candidate fails closed.
+    """
+    configured = [("diversity", rules.max_diversity_loss), ("recall", rules.max_recall_loss)]
+    tolerances = [(metric, t) for metric, t in configured if t is not None]
+    if not tolerances:
+        return []
+    if reference is None:
+        detail = "MADness: trained on synthetic rows, but no champion or generation 0 to compare its groups with"
+        return [RuleCheck("madness", "", None, None, False, detail)]
+    checks: list[RuleCheck] = []
+    for attribute, groups in attributes.items():
+        for group in groups:
+            for metric, tolerance in tolerances:
+                key = f"{metric_key_stems(metric, extractor)['value']}/{attribute}/{group}"
+                checks.append(_group_loss(candidate, reference, key, tolerance, label))
+    return checks
+
+
 def decide_promotion(
     candidate: Mapping[str, float],
     champion: Mapping[str, float] | None,
@@ -271,6 +333,8 @@ def decide_promotion(
     champion_version: str | None = None,
     candidate_data_md5: str | None = None,
     evaluated_data_md5: str | None = None,
+    synthetic_share: float | None = None,
+    generation0: Mapping[str, float] | None = None,
 ) -> GateDecision:
     """Judge a candidate's metrics against the policy's absolute rules and the champion.
 
@@ -290,6 +354,10 @@ def decide_promotion(
         champion_version: The champion's registry version, recorded with the decision.
         candidate_data_md5: The data version the candidate was trained on.
         evaluated_data_md5: The data version its test split came from.
+        synthetic_share: The share of synthetic rows in the candidate's training data;
+            above 0, the MADness guard compares every group's diversity ratio and recall
+            with ``generation0`` when given, else with the champion.
+        generation0: Flat metrics of generation 0 of a generations experiment.
 
     Returns:
         The decision; ``passed`` only if every check passed.
@@ -316,6 +384,10 @@ def decide_promotion(
         compared = [(overall_key, tolerances.fid_overall)]
         compared += [(f"{names['es_fid']}/{a}", tolerances.es_fid) for a in attributes]
         checks += check_non_regression(candidate, champion, compared, tolerances, champion_version)
+    if synthetic_share:
+        reference, label = (generation0, "generation 0") if generation0 is not None else (champion, "the champion")
+        label = label if generation0 is not None or champion_version is None else f"champion v{champion_version}"
+        checks += check_madness(candidate, reference, label, attributes, extractor, policy.madness)
 
     reasons = [c.detail for c in checks if not c.passed]
     return GateDecision(

@@ -7,6 +7,7 @@ These are the stage-level bookkeeping functions the Prefect tasks call; they dec
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from fairdiffusion.registry.policy import GatePolicy, PolicyError, load_policy
 from fairdiffusion.registry.skip import ChampionBaseline, SkipDecision, config_fingerprint
 from fairdiffusion.training.results import TrainingResult
 from fairdiffusion.validation.result import ValidationResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,30 @@ def data_code_tags(data_version: DataVersion, base_version: DataVersion | None =
 
 
 def open_pipeline_run(
-    config: PipelineConfig, data_version: DataVersion, base_version: DataVersion | None = None
+    config: PipelineConfig,
+    data_version: DataVersion,
+    base_version: DataVersion | None = None,
+    flow_run_id: str | None = None,
 ) -> str:
-    """Start the run, with the data/code version and the resolved config (and its sha256) on it."""
+    """Start the run, with the data/code version and the resolved config (and its sha256) on it.
+
+    With ``flow_run_id`` (the orchestrator's run id, as text) a retry reuses the open run an
+    earlier attempt of the same flow run started (tag ``fd.flow_run_id``) instead of
+    leaving it orphaned; what follows rewrites the same values. Runs of this experiment
+    left RUNNING by a process that has since died are ended first (:func:`end_orphaned_runs`).
+    """
     tags = {
         k: v if isinstance(v, str) else json.dumps(v) for k, v in data_code_tags(data_version, base_version).items()
     }
     tags[schema.CONFIG_SHA256] = config_fingerprint(config)
-    run_id = runs.start_run(config.tracking, run_name=f"{config.training.method}-{data_version.dvc_md5[:8]}", tags=tags)
+    tags[schema.RUN_OWNER] = runs.process_owner()
+    end_orphaned_runs(config)
+    if flow_run_id:
+        tags[schema.FLOW_RUN_ID] = flow_run_id
+    run_id = runs.find_open_run(config.tracking, schema.FLOW_RUN_ID, flow_run_id) if flow_run_id else None
+    if run_id is None:
+        name = f"{config.training.method}-{data_version.dvc_md5[:8]}"
+        run_id = runs.start_run(config.tracking, run_name=name, tags=tags)
     resolved = config_to_dict(config)
     # MLflow refuses '=' and '&' in param names; config keys such as race=Asian use them.
     params = {re.sub(r"[^\w\-. :/]", ":", key): value for key, value in _flatten("", resolved, {}).items()}
@@ -94,6 +113,18 @@ def open_pipeline_run(
     runs.log_json(config.tracking, run_id, resolved, schema.CONFIG_ARTIFACT)
     runs.log_json(config.tracking, run_id, data_version.to_dict(), schema.DATA_VERSION_ARTIFACT)
     return run_id
+
+
+def end_orphaned_runs(config: PipelineConfig) -> list[str]:
+    """End as KILLED the pipeline runs left RUNNING by a process that died (SIGKILL, OOM killer) on this host.
+
+    Such a process never reached ``close_tracking_run``; its run would stay RUNNING for
+    ever. A run opened on another host is left alone: its process cannot be checked here.
+    """
+    ended = runs.end_orphaned_runs(config.tracking, schema.RUN_OWNER, schema.RUN_END_REASON)
+    for run_id in ended:
+        logger.warning("MLflow run %s was left RUNNING by a process that no longer exists: ended as KILLED", run_id)
+    return ended
 
 
 def read_champion_baseline(config: PipelineConfig) -> ChampionBaseline | None:
@@ -226,11 +257,15 @@ def gate_and_register(
     registering and moving aliases then happen under the registry's promotion lock, so
     a concurrent promotion can neither slip a new champion in between the comparison
     and the alias move nor leave ``champion`` on a version that failed.
+
+    Safe to retry after a fault at any step (the Prefect task does): the logged model, the
+    decision, the version, the aliases and the decision record are each keyed by this run
+    and found and completed, never repeated (see :func:`registry.register_gated_candidate`).
     """
     tracking = config.tracking
-    policy, policy_hash, policy_error = _load_gate_policy(config, run_id)
+    gate_policy = _load_gate_policy(config, run_id)
     run_tags = runs.run_tags(tracking, run_id)
-    model_uri, model_id = registry.log_model(tracking, run_id, training.model_dir)
+    model_uri, model_id = registry.log_model_once(tracking, run_id, training.model_dir)
     candidate = registry.GatedCandidate(
         run_id=run_id,
         model_uri=model_uri,
@@ -241,23 +276,8 @@ def gate_and_register(
         actor=registry.current_actor(actor),
     )
     with registry.promotion_lock(tracking, holder=f"pipeline run {run_id}"):
-        champion = registry.find_champion(tracking)
-        decision: GateDecision = decide_promotion(
-            report.metrics,
-            champion.metrics if champion else None,
-            config.data.attributes,
-            report.extractor,
-            policy,
-            policy_hash=policy_hash,
-            policy_error=policy_error,
-            champion_version=champion.version if champion else None,
-            candidate_data_md5=run_tags.get(schema.DATA_MD5),
-            evaluated_data_md5=_evaluated_data_md5(report),
-        )
-        runs.log_json(tracking, run_id, decision.to_dict(), schema.GATE_DECISION_ARTIFACT)
-        registered = registry.register_gated_candidate(
-            tracking, candidate, decision, champion, config.gate.require_approval
-        )
+        decision = _decide_once(config, run_id, report, run_tags, gate_policy)
+        registered = registry.register_gated_candidate(tracking, candidate, decision, config.gate.require_approval)
     return PromotionOutcome(
         model_name=tracking.model_name,
         version=registered.version,
@@ -269,6 +289,63 @@ def gate_and_register(
         run_id=run_id,
         report_path=str(Path(config.evaluation.output_dir) / "evaluation.md"),
     )
+
+
+def _decide_once(
+    config: PipelineConfig,
+    run_id: str,
+    report: EvaluationReport,
+    run_tags: dict[str, str],
+    gate_policy: tuple[GatePolicy | None, str | None, str | None],
+) -> GateDecision:
+    """The decision a failed attempt stored on the run, else a new one against the champion (stored first)."""
+    champion = registry.find_champion(config.tracking)
+    stored = _stored_decision(config, run_id, champion)
+    if stored is not None:
+        return stored
+    policy, policy_hash, policy_error = gate_policy
+    decision = decide_promotion(
+        report.metrics,
+        champion.metrics if champion else None,
+        config.data.attributes,
+        report.extractor,
+        policy,
+        policy_hash=policy_hash,
+        policy_error=policy_error,
+        champion_version=champion.version if champion else None,
+        candidate_data_md5=run_tags.get(schema.DATA_MD5),
+        evaluated_data_md5=_evaluated_data_md5(report),
+        synthetic_share=_synthetic_share(run_tags),
+    )
+    runs.log_json(config.tracking, run_id, decision.to_dict(), schema.GATE_DECISION_ARTIFACT)
+    return decision
+
+
+def _synthetic_share(run_tags: dict[str, str]) -> float:
+    """The training data's synthetic share, as validation recorded it (the MADness guard's trigger)."""
+    recorded = json.loads(run_tags.get(schema.VALIDATION_SYNTHETIC) or "{}")
+    return float(recorded.get("train_fraction", 0.0))
+
+
+def _stored_decision(
+    config: PipelineConfig, run_id: str, champion: registry.ChampionInfo | None
+) -> GateDecision | None:
+    """The stored decision, if it still holds: the champion it was compared with still serves.
+
+    It also holds when this run's version is the champion (the failed attempt moved the
+    alias) or its decision is already recorded (a later promotion may have moved it since).
+    """
+    stored = runs.run_artifact_json(config.tracking, run_id, schema.GATE_DECISION_ARTIFACT)
+    if stored is None:
+        return None
+    decision = GateDecision.from_dict(stored)
+    current = champion.version if champion else None
+    if decision.compared_with_version == current:
+        return decision
+    version = registry.run_version(config.tracking, run_id)
+    if version is not None and (current == version or registry.gate_record(config.tracking, version) is not None):
+        return decision
+    return None
 
 
 def _load_gate_policy(config: PipelineConfig, run_id: str) -> tuple[GatePolicy | None, str | None, str | None]:

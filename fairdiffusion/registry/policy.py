@@ -74,6 +74,23 @@ class NonRegressionRules(_Strict):
     use_intervals: bool = True
 
 
+class MadnessRules(_Strict):
+    """How much of a group's diversity or recall retraining on synthetic rows may cost.
+
+    Models retrained on their own output lose diversity, and minority groups lose it
+    first (model autophagy disorder; Mayer et al. 2024, arXiv 2405.13977). A candidate
+    whose training data holds synthetic rows is compared group by group with the
+    champion, or with generation 0 of a generations experiment: the relative loss of
+    each group's diversity ratio and recall must stay within these tolerances. On by
+    default; ``null`` turns one off.
+    """
+
+    #: Largest relative loss of a group's diversity ratio (0.2: down to 80% of the reference).
+    max_diversity_loss: float | None = Field(0.2, ge=0, le=1)
+    #: Largest relative loss of a group's k-NN recall.
+    max_recall_loss: float | None = Field(0.2, ge=0, le=1)
+
+
 class GatePolicy(_Strict):
     """A fairness-gate policy file."""
 
@@ -81,6 +98,7 @@ class GatePolicy(_Strict):
     absolute: AbsoluteRules
     non_regression: NonRegressionRules
     reference: ReferenceRules = ReferenceRules()
+    madness: MadnessRules = MadnessRules()
 
 
 def threshold_for(value: PerAttribute, attribute: str) -> float | None:

@@ -10,6 +10,12 @@ artifacts (``lineage/*.json``, the resolved config, the evaluation report) and t
 the model version (``fd.gate.*`` and a copy of the data/code version). Their names are
 in :mod:`fairdiffusion.registry.schema`; this module is the one that writes a decision
 (version tags, aliases, the audit run) and reads it back (:func:`read_lineage`).
+
+The pipeline's writes are retried (Prefect task retries), so each is keyed and a retry
+completes what a failed attempt began instead of repeating it: the logged model by a run
+tag, the version by run id, the aliases from the decision, the decision record by version
+and kind (:func:`register_gated_candidate`). A version's status is not stored: it is
+derived from the aliases and the decision log when read (:mod:`fairdiffusion.registry.status`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from fairdiffusion.registry.audit import (
     ValidationLineage,
 )
 from fairdiffusion.registry.locking import promotion_lock
+from fairdiffusion.registry.status import derive_status, replay_aliases, status_after, unexplained_aliases
 from fairdiffusion.tracking import artifact_json as _artifact_json
 from fairdiffusion.tracking import create_experiment
 from fairdiffusion.tracking import json_tag as _json_tag
@@ -134,6 +141,35 @@ def log_model(tracking: TrackingConfig, run_id: str, model_dir: str | Path) -> t
     return str(_client(tracking).get_logged_model(model_id).artifact_location), model_id
 
 
+def log_model_once(tracking: TrackingConfig, run_id: str, model_dir: str | Path) -> tuple[str, str | None]:
+    """:func:`log_model`, once per run: a retry reuses the model an earlier attempt logged.
+
+    The run's ``fd.model.uri`` tag, set right after logging, names it; a fault between the
+    two is covered by looking the run's finished (``READY``) logged model up.
+    """
+    client = _client(tracking)
+    tags = client.get_run(run_id).data.tags
+    if schema.MODEL_URI in tags:
+        return tags[schema.MODEL_URI], tags.get(schema.MODEL_ID) or None
+    found = _logged_model_of(client, run_id)
+    model_uri, model_id = found if found is not None else log_model(tracking, run_id, model_dir)
+    client.set_tag(run_id, schema.MODEL_ID, model_id or "")
+    client.set_tag(run_id, schema.MODEL_URI, model_uri)
+    return model_uri, model_id
+
+
+def _logged_model_of(client: Any, run_id: str) -> tuple[str, str] | None:
+    """(artifact location, id) of the run's oldest READY pyfunc model, or ``None``."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    query = f"source_run_id = '{run_id}' AND name = '{schema.MODEL_ARTIFACT}'"
+    # Filtered here: the SQL store does not match `status = 'READY'` (it stores the enum's number).
+    found = [m for m in client.search_logged_models([experiment_id], filter_string=query) if str(m.status) == "READY"]
+    if not found:
+        return None
+    model = min(found, key=lambda m: m.creation_timestamp)
+    return str(model.artifact_location), str(model.model_id)
+
+
 _SERVING_PACKAGES = ("fairdiffusion", "torch", "diffusers", "transformers", "safetensors", "accelerate")
 
 
@@ -158,31 +194,72 @@ def register_version(
     tags: Mapping[str, object],
     description: str,
 ) -> str:
-    """Create a model version (with its tags already on it) and point ``candidate`` at it."""
+    """Create the run's model version (its tags already on it) and point ``candidate`` at it.
+
+    One version per run: a retry finds the version an earlier attempt created (by run id)
+    and brings its tags and description up to date instead of creating another.
+    """
+    client = _client(tracking)
+    _ensure_registered_model(client, tracking.model_name)
+    text_tags = {k: v if isinstance(v, str) else _json_tag(v) for k, v in tags.items()}
+    existing = run_version(tracking, run_id)
+    if existing is None:
+        created = client.create_model_version(
+            tracking.model_name,
+            source=model_uri,
+            run_id=run_id,
+            tags=text_tags,
+            description=description[:5000],
+            model_id=model_id,
+        )
+        number = str(created.version)
+    else:
+        number = existing
+        _update_version(client, tracking.model_name, number, text_tags, description[:5000])
+    _advance_candidate(client, tracking.model_name, number)
+    client.set_tag(run_id, schema.REGISTRY_VERSION, number)
+    return number
+
+
+def run_version(tracking: TrackingConfig, run_id: str) -> str | None:
+    """The (oldest) version of the registered model created from ``run_id``, or ``None``."""
+    query = f"name = {search_literal(tracking.model_name, 'model name')} and run_id = '{run_id}'"
+    found = _client(tracking).search_model_versions(query)
+    return min((str(v.version) for v in found), key=int, default=None)
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking)
     try:
-        client.get_registered_model(tracking.model_name)
+        client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            tracking.model_name,
+            name,
             description="FairDiffusion text-to-image model; champion moves only through the fairness gate, "
             "an approval or a recorded override.",
         )
-    text_tags = {k: v if isinstance(v, str) else _json_tag(v) for k, v in tags.items()}
-    version = client.create_model_version(
-        tracking.model_name,
-        source=model_uri,
-        run_id=run_id,
-        tags=text_tags,
-        description=description[:5000],
-        model_id=model_id,
-    )
-    number = str(version.version)
-    client.set_registered_model_alias(tracking.model_name, schema.CANDIDATE, number)
-    client.set_tag(run_id, schema.REGISTRY_VERSION, number)
-    return number
+
+
+def _update_version(client: Any, name: str, version: str, tags: Mapping[str, str], description: str) -> None:
+    """Rewrite the gate's tags of a version registered by a failed attempt when the decision changed."""
+    current = client.get_model_version(name, version)
+    # The status tag is the decision record's mirror (written after it), not the gate's.
+    changed = {
+        k: v for k, v in tags.items() if current.tags.get(k) != v and k not in (schema.GATE_DECIDED_AT, schema.STATUS)
+    }
+    if not changed and current.description == description:
+        return
+    for key, value in (changed | {schema.GATE_DECIDED_AT: tags[schema.GATE_DECIDED_AT]}).items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=description)
+
+
+def _advance_candidate(client: Any, name: str, version: str) -> None:
+    """``candidate`` marks the newest registration: never moved back to an older version."""
+    current = _alias_version(client, name, schema.CANDIDATE)
+    if current is None or int(current) < int(version):
+        client.set_registered_model_alias(name, schema.CANDIDATE, version)
 
 
 def _alias_version(client: Any, name: str, alias: str) -> str | None:
@@ -205,6 +282,18 @@ def move_champion(tracking: TrackingConfig, version: str) -> str | None:
         client.set_registered_model_alias(tracking.model_name, schema.PREVIOUS_CHAMPION, before)
     client.set_registered_model_alias(tracking.model_name, schema.CHAMPION, version)
     return before
+
+
+def settle_champion(tracking: TrackingConfig, version: str, champion_before: str | None) -> None:
+    """Make ``version`` champion after ``champion_before`` (taken from the gate's decision).
+
+    Idempotent, unlike :func:`move_champion`: it never reads ``champion``, which a failed
+    attempt may already have moved to ``version``. Call it only inside :func:`promotion_lock`.
+    """
+    client = _client(tracking)
+    if champion_before is not None and champion_before != version:
+        client.set_registered_model_alias(tracking.model_name, schema.PREVIOUS_CHAMPION, champion_before)
+    client.set_registered_model_alias(tracking.model_name, schema.CHAMPION, version)
 
 
 def _audit_tags(record: DecisionRecord) -> dict[str, str]:
@@ -241,6 +330,14 @@ def _record_from_audit_tags(tags: Mapping[str, str], audit_run_id: str) -> Decis
 def record_decision(tracking: TrackingConfig, record: DecisionRecord) -> DecisionRecord:
     """Write a decision as its own audit run (immutable), then mirror it on the version's tags."""
     client = _client(tracking)
+    run = _create_audit_run(client, tracking, record)
+    written = _finish_audit_run(client, str(run.info.run_id), record)
+    _mirror_decision(client, written)
+    return written
+
+
+def _create_audit_run(client: Any, tracking: TrackingConfig, record: DecisionRecord) -> Any:
+    """The audit run, its tags (the whole record) set atomically with it."""
     experiment = client.get_experiment_by_name(tracking.audit_experiment)
     experiment_id = (
         experiment.experiment_id
@@ -248,19 +345,29 @@ def record_decision(tracking: TrackingConfig, record: DecisionRecord) -> Decisio
         else create_experiment(client, tracking, tracking.audit_experiment)
     )
     name = f"{record.model} v{record.version} {record.decision}"
-    run = client.create_run(experiment_id, run_name=name, tags=_audit_tags(record))
-    written = DecisionRecord(**(record.to_dict() | {"audit_run_id": run.info.run_id}))  # type: ignore[arg-type]
-    client.log_dict(run.info.run_id, written.to_dict(), schema.DECISION_ARTIFACT)
-    client.set_terminated(run.info.run_id, "FINISHED")
+    return client.create_run(experiment_id, run_name=name, tags=_audit_tags(record))
+
+
+def _finish_audit_run(client: Any, audit_run_id: str, record: DecisionRecord) -> DecisionRecord:
+    written = DecisionRecord(**(record.to_dict() | {"audit_run_id": audit_run_id}))  # type: ignore[arg-type]
+    client.log_dict(audit_run_id, written.to_dict(), schema.DECISION_ARTIFACT)
+    client.set_terminated(audit_run_id, "FINISHED")
+    return written
+
+
+def _mirror_decision(client: Any, record: DecisionRecord) -> None:
+    """The latest decision on the version's tags, and the status it leaves (a convenience for the MLflow UI)."""
     for key, value in {
         schema.LATEST_DECISION: record.decision,
         schema.LATEST_DECISION_AT: record.at,
         schema.LATEST_DECISION_ACTOR: record.actor,
         schema.LATEST_DECISION_REASONS: _json_tag(record.reasons),
-        schema.LATEST_DECISION_AUDIT_RUN: run.info.run_id,
+        schema.LATEST_DECISION_AUDIT_RUN: record.audit_run_id,
+        schema.STATUS: status_after(record),
     }.items():
         client.set_model_version_tag(record.model, record.version, key, value)
-    return written
+    if record.champion_before and record.champion_before != record.champion_after:
+        client.set_model_version_tag(record.model, record.champion_before, schema.STATUS, schema.STATUS_REPLACED)
 
 
 def search_literal(value: str, what: str) -> str:
@@ -283,6 +390,13 @@ def search_literal(value: str, what: str) -> str:
 
 def decision_history(tracking: TrackingConfig, version: str | None = None) -> list[DecisionRecord]:
     """Every decision on the registered model (or one version), oldest first."""
+    runs = _audit_runs(tracking, version)
+    records = [_record_from_audit_tags(run.data.tags, run.info.run_id) for run in runs]
+    return sorted(records, key=lambda r: (r.at, r.audit_run_id))
+
+
+def _audit_runs(tracking: TrackingConfig, version: str | None) -> list[Any]:
+    """The audit runs of the registered model (or of one version)."""
     # Built before MLflow is touched, so a value that cannot be searched for writes nothing.
     query = f"tags.`{schema.AUDIT_MODEL}` = {search_literal(tracking.model_name, 'model name')}"
     if version is not None:
@@ -291,7 +405,7 @@ def decision_history(tracking: TrackingConfig, version: str | None = None) -> li
     experiment = client.get_experiment_by_name(tracking.audit_experiment)
     if experiment is None:
         return []
-    runs = []
+    runs: list[Any] = []
     token = None
     while True:
         page = client.search_runs(
@@ -300,9 +414,7 @@ def decision_history(tracking: TrackingConfig, version: str | None = None) -> li
         runs.extend(page)
         token = page.token
         if not token:
-            break
-    records = [_record_from_audit_tags(run.data.tags, run.info.run_id) for run in runs]
-    return sorted(records, key=lambda r: (r.at, r.audit_run_id))
+            return runs
 
 
 def now_iso() -> str:
@@ -335,7 +447,7 @@ def approve_version(tracking: TrackingConfig, version: str, reason: str, actor: 
             f"approve: version {version} did not pass the fairness gate "
             f"({tags.get(schema.GATE_REASONS, 'no decision recorded')}); only `promote --force --reason` can override"
         )
-    return _promote(tracking, version, schema.DECISION_APPROVAL, [reason], actor, tags)
+    return _promote(tracking, version, schema.DECISION_APPROVAL, [reason], actor, tags, refuse_unexplained=True)
 
 
 def force_promote(tracking: TrackingConfig, version: str, reason: str, actor: str) -> DecisionRecord:
@@ -352,9 +464,17 @@ def force_promote(tracking: TrackingConfig, version: str, reason: str, actor: st
 
 
 def _promote(
-    tracking: TrackingConfig, version: str, decision: str, reasons: list[str], actor: str, tags: Mapping[str, str]
+    tracking: TrackingConfig,
+    version: str,
+    decision: str,
+    reasons: list[str],
+    actor: str,
+    tags: Mapping[str, str],
+    refuse_unexplained: bool = False,
 ) -> DecisionRecord:
     with promotion_lock(tracking, holder=f"{decision} v{version} by {actor}"):
+        if refuse_unexplained:
+            _refuse_unexplained_aliases(tracking, decision)
         before = move_champion(tracking, version)
         return _record_human_decision(tracking, version, decision, reasons, actor, tags, before)
 
@@ -397,6 +517,7 @@ def rollback_champion(tracking: TrackingConfig, reason: str, actor: str) -> Deci
     client = _client(tracking)
     name = tracking.model_name
     with promotion_lock(tracking, holder=f"rollback by {actor}"):
+        _refuse_unexplained_aliases(tracking, schema.DECISION_ROLLBACK)
         target = _alias_version(client, name, schema.PREVIOUS_CHAMPION)
         current = _alias_version(client, name, schema.CHAMPION)
         if target is None:
@@ -405,6 +526,39 @@ def rollback_champion(tracking: TrackingConfig, reason: str, actor: str) -> Deci
         client.delete_registered_model_alias(name, schema.PREVIOUS_CHAMPION)
         tags = _version_tags(client, name, target)
         return _record_human_decision(tracking, target, schema.DECISION_ROLLBACK, [reason], actor, tags, current)
+
+
+def model_aliases(tracking: TrackingConfig) -> dict[str, str]:
+    """The registered model's aliases now (alias -> version); none if it is not registered yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = _client(tracking).get_registered_model(tracking.model_name)
+    except MlflowException:
+        return {}
+    return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+
+
+def alias_problems(tracking: TrackingConfig) -> list[str]:
+    """Every alias the decision log does not explain, then every past champion move it does not record."""
+    history = decision_history(tracking)
+    return unexplained_aliases(model_aliases(tracking), history) + replay_aliases(history).gaps
+
+
+_REPAIR = (
+    "See `fairdiffusion audit --history`. If a pipeline run's promotion stopped half-way, retry it (the retry "
+    "completes it). If an alias was moved by hand and should stay, record that with `fairdiffusion promote "
+    "--version N --force --reason TEXT`; otherwise move it back to where the decision log leaves it "
+    "(MLflow UI, or MlflowClient.set_registered_model_alias)."
+)
+
+
+def _refuse_unexplained_aliases(tracking: TrackingConfig, action: str) -> None:
+    """Acting on aliases nobody recorded would write a false history: refuse, saying how to repair."""
+    problems = unexplained_aliases(model_aliases(tracking), decision_history(tracking))
+    if problems:
+        listed = "".join(f"\n  - {p}" for p in problems)
+        raise RegistryError(f"{action}: refused, the registry disagrees with its decision log:{listed}\n{_REPAIR}")
 
 
 @dataclass(frozen=True)
@@ -435,38 +589,70 @@ def register_gated_candidate(
     tracking: TrackingConfig,
     candidate: GatedCandidate,
     decision: GateDecision,
-    champion: ChampionInfo | None,
     require_approval: bool,
 ) -> Registration:
     """Register a candidate with the gate's verdict, make it champion only on a pass, record the decision.
 
-    Call it only inside :func:`promotion_lock`, with the champion read under the same lock.
-    A passing candidate waits for ``approve`` instead when ``require_approval`` is on.
+    Call it only inside :func:`promotion_lock`, with ``decision`` taken against the champion
+    read under the same lock. A passing candidate waits for ``approve`` instead when
+    ``require_approval`` is on. A retry completes what a failed attempt began: the version
+    is found by run id, the aliases are set from the decision's champion (``champion`` is
+    never re-read), and once the decision record exists the aliases, settled before it,
+    are left alone and only the record is completed.
     """
     promote = decision.passed and not require_approval
-    status = _candidate_status(decision.passed, promote)
-    tags = _gate_version_tags(candidate, decision, status)
-    description = _gate_description(candidate, decision, status)
+    tags = _gate_version_tags(candidate, decision, _candidate_status(decision.passed, promote))
+    description = _gate_description(candidate, decision)
     version = register_version(tracking, candidate.run_id, candidate.model_uri, candidate.model_id, tags, description)
-    champion_before = champion.version if champion else None
-    if promote:
-        move_champion(tracking, version)
-    record_decision(
-        tracking,
-        DecisionRecord(
-            model=tracking.model_name,
-            version=version,
-            decision=schema.DECISION_PASS if decision.passed else schema.DECISION_FAIL,
-            reasons=decision.reasons or [f"every rule of policy '{decision.policy.get('name', '?')}' passed"],
-            actor=f"pipeline ({candidate.actor})",
-            at=now_iso(),
-            data_md5=candidate.run_tags.get(schema.DATA_MD5),
-            policy_hash=decision.policy_hash,
-            champion_before=champion_before,
-            champion_after=version if promote else champion_before,
-        ),
+    begun = _gate_audit_run(tracking, version)
+    if begun is not None:
+        written = _complete_audit_run(tracking, begun)
+    else:
+        if promote:
+            settle_champion(tracking, version, decision.compared_with_version)
+        written = record_decision(tracking, _gate_record(tracking, candidate, decision, version, promote))
+    return Registration(version=version, status=status_after(written), promoted=written.champion_after == version)
+
+
+def _gate_record(
+    tracking: TrackingConfig, candidate: GatedCandidate, decision: GateDecision, version: str, promote: bool
+) -> DecisionRecord:
+    before = decision.compared_with_version
+    return DecisionRecord(
+        model=tracking.model_name,
+        version=version,
+        decision=schema.DECISION_PASS if decision.passed else schema.DECISION_FAIL,
+        reasons=decision.reasons or [f"every rule of policy '{decision.policy.get('name', '?')}' passed"],
+        actor=f"pipeline ({candidate.actor})",
+        at=now_iso(),
+        data_md5=candidate.run_tags.get(schema.DATA_MD5),
+        policy_hash=decision.policy_hash,
+        champion_before=before,
+        champion_after=version if promote else before,
     )
-    return Registration(version=version, status=status, promoted=promote)
+
+
+def gate_record(tracking: TrackingConfig, version: str) -> DecisionRecord | None:
+    """The gate's decision (pass or fail) recorded on a version, or ``None``: at most one exists."""
+    run = _gate_audit_run(tracking, version)
+    return None if run is None else _record_from_audit_tags(run.data.tags, run.info.run_id)
+
+
+def _gate_audit_run(tracking: TrackingConfig, version: str) -> Any:
+    """The audit run of the gate's decision on a version (keyed by version and kind), or ``None``."""
+    runs = _audit_runs(tracking, version)
+    gate = [r for r in runs if r.data.tags.get(schema.AUDIT_DECISION) in schema.GATE_DECISIONS]
+    return min(gate, key=lambda r: r.info.start_time) if gate else None
+
+
+def _complete_audit_run(tracking: TrackingConfig, run: Any) -> DecisionRecord:
+    """Finish what a failed attempt began: the audit run's ``decision.json`` and end, the mirror tags."""
+    client = _client(tracking)
+    written = _record_from_audit_tags(run.data.tags, run.info.run_id)
+    if run.info.status == "RUNNING":
+        _finish_audit_run(client, run.info.run_id, written)
+    _mirror_decision(client, written)
+    return written
 
 
 def _candidate_status(passed: bool, promote: bool) -> str:
@@ -491,11 +677,13 @@ def _gate_version_tags(candidate: GatedCandidate, decision: GateDecision, status
     }
 
 
-def _gate_description(candidate: GatedCandidate, decision: GateDecision, status: str) -> str:
+def _gate_description(candidate: GatedCandidate, decision: GateDecision) -> str:
+    # No status here: a description written once would still say champion after a newer one
+    # replaces it. The status is derived from the aliases and the decision log (`audit`).
     verdict = "PASSED the fairness gate" if decision.passed else "FAILED the fairness gate"
     description = verdict + (": " + "; ".join(decision.reasons) if decision.reasons else ".")
     tags = candidate.run_tags
-    description += f" Status: {status}. Data md5 {tags.get(schema.DATA_MD5)}, code {tags.get(schema.CODE_GIT_COMMIT)}"
+    description += f" Data md5 {tags.get(schema.DATA_MD5)}, code {tags.get(schema.CODE_GIT_COMMIT)}"
     return description + f", policy {candidate.policy_file} (sha256 {decision.policy_hash})."
 
 
@@ -510,10 +698,12 @@ def read_lineage(tracking: TrackingConfig, version: str | None = None, alias: st
     run = client.get_run(mv.run_id)
     tags, vtags = run.data.tags, mv.tags
     gate_record = _artifact_json(client, mv.run_id, schema.GATE_DECISION_ARTIFACT) or {}
+    number, history = str(mv.version), decision_history(tracking)
+    aliases = {alias: str(v) for alias, v in (registered.aliases or {}).items()}
     return Lineage(
         model=tracking.model_name,
-        version=str(mv.version),
-        aliases=sorted(a for a, v in (registered.aliases or {}).items() if str(v) == str(mv.version)),
+        version=number,
+        aliases=sorted(a for a, v in aliases.items() if v == number),
         run_id=mv.run_id,
         data=DataLineage(
             dvc_md5=tags.get(schema.DATA_MD5),
@@ -536,8 +726,10 @@ def read_lineage(tracking: TrackingConfig, version: str | None = None, alias: st
         ),
         metrics=MetricsLineage.from_metrics(run.data.metrics),
         gate=_gate_lineage(vtags, gate_record.get("checks", [])),
-        status=vtags.get(schema.STATUS),
-        decisions=decision_history(tracking, version=str(mv.version)),
+        # Derived now, never read from the fd.status tag: that tag cannot see a hand-moved alias.
+        status=derive_status(number, aliases, history),
+        decisions=[r for r in history if r.version == number],
+        alias_problems=unexplained_aliases(aliases, history) + replay_aliases(history).gaps,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(mv.creation_timestamp) / 1000)),
     )
 

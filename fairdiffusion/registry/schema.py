@@ -34,6 +34,15 @@ VALIDATION_REFERENCE = "fd.validation.reference"
 VALIDATION_ACKNOWLEDGED_SHIFTS = "fd.validation.acknowledged_shifts"
 TRAINING_METHOD = "fd.training.method"
 REGISTRY_VERSION = "fd.registry.version"
+#: The process (``host:pid``) that opened the run; once it is gone, a later run that
+#: finds the run still RUNNING ends it as KILLED and says why in ``fd.run.end_reason``.
+RUN_OWNER = "fd.run.owner"
+RUN_END_REASON = "fd.run.end_reason"
+#: The pyfunc model logged on the run, set right after logging so that a retry reuses it.
+MODEL_URI = "fd.model.uri"
+MODEL_ID = "fd.model.id"
+#: The Prefect flow run that opened the run: a retried ``open_tracking_run`` finds it by this.
+FLOW_RUN_ID = "fd.flow_run_id"
 
 # Tags on the model version: the gate's verdict, the status, and the latest decision.
 GATE_PASSED = "fd.gate.passed"
@@ -90,10 +99,16 @@ MODEL_ARTIFACT = "model"
 #: The decision, as JSON, on its audit run.
 DECISION_ARTIFACT = "decision.json"
 
-# A model version's status (the ``fd.status`` tag and ``PromotionOutcome.status``).
+# A model version's status (``PromotionOutcome.status``; derived from the aliases and the
+# decision log at read time by :mod:`fairdiffusion.registry.status`; the ``fd.status`` tag
+# only mirrors it for the MLflow UI and is never read back).
 STATUS_CHAMPION = "champion"
 STATUS_AWAITING_APPROVAL = "awaiting-approval"
 STATUS_REJECTED = "rejected"
+#: Was champion once (a decision left it so), is not now.
+STATUS_REPLACED = "replaced"
+#: No decision on the version in the log (e.g. registered by hand).
+STATUS_UNRECORDED = "unrecorded"
 #: A run that trained nothing; never on a model version.
 STATUS_SKIPPED = "skipped"
 
@@ -103,3 +118,16 @@ DECISION_FAIL = "fail"
 DECISION_APPROVAL = "approval"
 DECISION_OVERRIDE = "override"
 DECISION_ROLLBACK = "rollback"
+#: The pipeline's own decisions: exactly one of them per registered version.
+GATE_DECISIONS = (DECISION_PASS, DECISION_FAIL)
+
+# Tags on a generation run of ``fairdiffusion generations`` (self-consuming retraining):
+# its generation, regime, the run it descends from and the ceiling it lifted, if any.
+GENERATION = "fd.generation"
+GENERATION_PARENT_RUN = "fd.generation.parent_run_id"
+GENERATION_PARENT_MODEL = "fd.generation.parent_model"
+GENERATION_REGIME = "fd.generation.regime"
+GENERATION_DATA_SHA256 = "fd.generation.data_sha256"
+#: ``generations.max_synthetic_share``, or ``none`` when the experiment lifted no ceiling.
+GENERATION_MAX_SYNTHETIC_SHARE = "fd.generations.max_synthetic_share"
+GENERATION_MADNESS_PASSED = "fd.generation.madness_passed"

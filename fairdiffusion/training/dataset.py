@@ -81,6 +81,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
     An epoch's order depends on the seed and the epoch alone; global batch ``b`` is
     positions ``[b * G, (b + 1) * G)`` of it (``G = batch_size * num_processes``) and
     process ``r`` takes its ``r``-th slice. The last incomplete global batch is dropped.
+
+    With ``weights`` (``method: balanced``) an epoch is instead as many rows drawn with
+    replacement, row ``i`` with probability proportional to ``weights[i]``, from the same
+    seeded generator: the same on every process and after a resume, and an epoch keeps
+    its length, so the resume position (epoch, batch) means the same thing.
     """
 
     def __init__(
@@ -92,12 +97,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
         seed: int,
         epoch: int,
         start_batch: int = 0,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.batch_size, self.process_index, self.start_batch = batch_size, process_index, start_batch
         self.global_batch = batch_size * num_processes
         self.num_batches = num_samples // self.global_batch
         generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
-        self.order = torch.randperm(num_samples, generator=generator).tolist()
+        if weights is None:
+            self.order = torch.randperm(num_samples, generator=generator).tolist()
+        else:
+            if weights.shape != (num_samples,):
+                raise ValueError(f"weights must have shape ({num_samples},), got {tuple(weights.shape)}")
+            draws = self.num_batches * self.global_batch
+            self.order = torch.multinomial(weights.double(), draws, replacement=True, generator=generator).tolist()
 
     def global_indices(self, batch: int) -> list[int]:
         """Dataset indices of global batch ``batch``, in process order."""

@@ -16,6 +16,10 @@ and independent of timing (the step waits for the fit if it is not done), so
 training stays reproducible and resumable; during those ``k`` steps sigma keeps
 its exploitation / exploration walk from the pre-fit value, and those steps are
 observed into the next window as usual.
+
+Every departure from the paper (``variant``: a window-level objective, a GP over the
+last K windows, mixing toward the GP's candidate, positive weights, per-group mean
+offsets) is opt-in and lives in :mod:`fairdiffusion.training.fbp_variants`, with its reason.
 """
 
 from __future__ import annotations
@@ -30,10 +34,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fairdiffusion.training.fbp_variants import (
+    FBPVariant,
+    explore_around,
+    group_mean_offsets,
+    perturbation_weights,
+    window_objective,
+)
+
 __all__ = [
     "FBPController",
     "FBPStepRecord",
     "FBPStepResult",
+    "FBPVariant",
     "FBPWindowRecord",
     "derive_seed",
     "diagnose_windows",
@@ -72,6 +85,8 @@ class FBPStepRecord:
     step: int
     y: float
     sigma: list[float]
+    #: The per-group weight mean offsets used (``mean_shift`` variant), else empty.
+    mean_shift: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -81,11 +96,15 @@ class FBPWindowRecord:
     window_index: int
     step: int
     acquisition_value: float | None
+    #: Minus the mean objective of the window's own points (``objective: window``: its
+    #: gap of bucket-normalised losses, relative units rather than loss units).
     mean_gap: float
     sigma: list[float] = field(default_factory=list)
     fit_failed: bool = False
     #: Step whose update first used this window's sigma (``step`` + ``fit_lag``).
     applied_step: int | None = None
+    #: The per-group weight mean offsets chosen (``mean_shift`` variant), else empty.
+    mean_shift: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +114,8 @@ class _PendingFit:
     window_index: int
     close_step: int
     apply_step: int
+    #: The closed window's own mean gap (``xs``/``ys`` may hold earlier windows too).
+    mean_gap: float | None = None
     future: Future[tuple[Tensor | None, float | None, str | None]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,6 +125,7 @@ class _PendingFit:
             "window_index": self.window_index,
             "close_step": self.close_step,
             "apply_step": self.apply_step,
+            "mean_gap": self.mean_gap,
         }
 
     @classmethod
@@ -114,6 +136,7 @@ class _PendingFit:
             int(state["window_index"]),
             int(state["close_step"]),
             int(state["apply_step"]),
+            state.get("mean_gap"),
         )
 
 
@@ -144,6 +167,8 @@ class FBPController:
         fit_lag: 0 fits when the window closes (the paper's order); ``k`` in
             ``[1, window)`` fits on a background thread and applies the optimum
             ``k`` steps later.
+        variant: Departures from the paper (:class:`FBPVariant`); ``None``: the paper.
+        num_timesteps: The scheduler's training timesteps (``objective: window`` buckets them).
     """
 
     def __init__(
@@ -155,6 +180,8 @@ class FBPController:
         seed: int = 0,
         rank: int = 0,
         fit_lag: int = 0,
+        variant: FBPVariant | None = None,
+        num_timesteps: int = 1000,
     ) -> None:
         if not attributes or any(len(g) == 0 for g in attributes.values()):
             raise ValueError("attributes must be non-empty, each with at least one group")
@@ -167,12 +194,19 @@ class FBPController:
         self.attributes = {name: list(groups) for name, groups in attributes.items()}
         self.window, self.exploitation_rate, self.ucb_beta = window, exploitation_rate, ucb_beta
         self.seed, self.rank, self.fit_lag = seed, rank, fit_lag
+        self.variant, self.num_timesteps = variant or FBPVariant(), num_timesteps
         sizes = [len(g) for g in self.attributes.values()]
         self._sizes = torch.tensor(sizes)
         self._offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()])
         self.weight_names = [f"{a}={g}" for a, gs in self.attributes.items() for g in gs]
         # The paper initialises every group's perturbation scale to 1.
         self.sigma = torch.ones(sum(sizes), dtype=torch.float64)
+        # Unit-box coordinates of the weight mean offsets (mean_shift variant; none
+        # otherwise); 0.5 is offset 0, the paper's weights. The GP's point is (sigma, shift).
+        n_shift = sum(sizes) - len(sizes) if self.variant.mean_shift else 0
+        self.shift = torch.full((n_shift,), 0.5, dtype=torch.float64)
+        #: The last GP optimum (at first the initial point): what ``mix_toward: candidate`` explores around.
+        self._candidate = self._point()
         # eps differs per process (rank); the decay noise must not, so that
         # every process holds the same sigma without communicating.
         self._eps_gen = torch.Generator().manual_seed(derive_seed(seed, rank))
@@ -181,6 +215,10 @@ class FBPController:
         self.window_index = 0
         self._win_x: list[Tensor] = []
         self._win_y: list[float] = []
+        #: ``objective: window``: the window's (losses, group codes, timesteps), step by step.
+        self._win_batches: list[tuple[Tensor, Tensor, Tensor]] = []
+        #: ``history_windows`` K > 1: the GP points of the K - 1 windows before the open one.
+        self._history: list[tuple[Tensor, Tensor]] = []
         self.steps: list[FBPStepRecord] = []
         self.windows: list[FBPWindowRecord] = []
         #: Wall time spent inside this controller on the caller's thread (fits included
@@ -193,6 +231,23 @@ class FBPController:
     def n_attributes(self) -> int:
         """Number of protected attributes (columns of ``group_index``)."""
         return len(self.attributes)
+
+    @property
+    def mean_offsets(self) -> Tensor:
+        """Per-group weight mean offsets in force, in sigma's order (zeros without ``mean_shift``)."""
+        if not self.variant.mean_shift:
+            return torch.zeros_like(self.sigma)
+        return group_mean_offsets(self.shift, self._sizes.tolist(), self.variant.mean_shift_max)
+
+    def _point(self) -> Tensor:
+        return torch.cat([self.sigma, self.shift])
+
+    def _set_point(self, point: Tensor) -> None:
+        n = self.sigma.shape[0]
+        self.sigma, self.shift = point[:n].clone(), point[n:].clone()
+
+    def _shift_record(self) -> list[float]:
+        return self.mean_offsets.tolist() if self.variant.mean_shift else []
 
     def _check_groups(self, group_index: Tensor) -> Tensor:
         if group_index.dim() != 2 or group_index.shape[1] != self.n_attributes:
@@ -217,7 +272,9 @@ class FBPController:
 
         ``w_i = 1 + sum_a sigma[offset_a + group_index[i, a]] * eps_{i,a}``
         with ``eps ~ N(0, 1)`` of shape ``[B, n_attributes]`` (float64) drawn
-        from this process's own generator.
+        from this process's own generator (the paper; the ``weights`` and
+        ``mean_shift`` variants change the formula, see
+        :func:`~fairdiffusion.training.fbp_variants.perturbation_weights`).
 
         Args:
             group_index: Integer tensor ``[B, n_attributes]`` of group codes.
@@ -234,10 +291,13 @@ class FBPController:
         # Paper ("Fair Bayesian Perturbation"): each sample's loss weight is 1
         # plus a zero-mean Gaussian perturbation per protected attribute, scaled
         # by the sigma of the sample's group. Weights are not clipped (as in the
-        # paper), so they can be negative when sigma is large.
+        # paper), so they can be negative when sigma is large. The variants
+        # (weights: lognormal / clipped, mean_shift) are in fbp_variants.
         eps = torch.randn(gi.shape, generator=self._eps_gen, dtype=torch.float64)
-        scales = self.sigma[self._offsets + gi]
-        weights = (1.0 + (scales * eps).sum(dim=1)).to(device=group_index.device, dtype=dtype)
+        index = self._offsets + gi
+        offsets = self.mean_offsets[index] if self.variant.mean_shift else None
+        weights = perturbation_weights(self.variant.weights, eps, self.sigma[index], offsets)
+        weights = weights.to(device=group_index.device, dtype=dtype)
         self.busy_seconds += time.perf_counter() - started
         return weights
 
@@ -269,7 +329,7 @@ class FBPController:
             gaps[name] = float(max(means) - min(means)) if len(means) >= 2 else 0.0
         return gaps
 
-    def observe(self, per_sample_loss: Tensor, group_index: Tensor) -> FBPStepResult:
+    def observe(self, per_sample_loss: Tensor, group_index: Tensor, timesteps: Tensor | None = None) -> FBPStepResult:
         """Records one optimiser step and updates ``sigma``.
 
         Must be called with the loss gathered across all processes, so that
@@ -278,18 +338,24 @@ class FBPController:
         Args:
             per_sample_loss: ``[N]`` per-sample (unweighted) losses.
             group_index: Integer tensor ``[N, n_attributes]`` of group codes.
+            timesteps: ``[N]`` each sample's timestep; needed by ``objective: window``.
 
         Returns:
             The :class:`FBPStepResult` of this step.
+
+        Raises:
+            ValueError: On bad group codes, or no ``timesteps`` with ``objective: window``.
         """
         started = time.perf_counter()
         gaps = self.group_gaps(per_sample_loss, group_index)
         # Paper: the BO objective is the negative sum of group loss gaps.
         y = -sum(gaps.values())
         result = FBPStepResult(step=self.step, y=y, gaps=gaps, sigma=[])
-        self.steps.append(FBPStepRecord(self.step, y, self.sigma.tolist()))
-        self._win_x.append(self.sigma.clone())
+        self.steps.append(FBPStepRecord(self.step, y, self.sigma.tolist(), self._shift_record()))
+        self._win_x.append(self._point())
         self._win_y.append(y)
+        if self.variant.objective == "window":
+            self._keep_batch(per_sample_loss, group_index, timesteps)
         if self._pending is not None and self.step >= self._pending.apply_step:
             self._apply_pending(result)
         if len(self._win_y) >= self.window:
@@ -297,27 +363,67 @@ class FBPController:
                 self._close_window(result)
             else:
                 self._submit_window()
-        # Order follows the authors' training script: the exploration mix is
-        # applied on EVERY step, including right after a window's BO update
-        # (so the GP candidate is already mixed once before it is first used).
-        noise = torch.rand(self.sigma.shape, generator=self._decay_gen, dtype=torch.float64)
-        rho = self.exploitation_rate
-        self.sigma = rho * self.sigma + (1.0 - rho) * noise
+        self._mix()
         result.sigma = self.sigma.tolist()
         self.step += 1
         self.busy_seconds += time.perf_counter() - started
         return result
 
-    def _close_window(self, result: FBPStepResult) -> None:
+    def _keep_batch(self, per_sample_loss: Tensor, group_index: Tensor, timesteps: Tensor | None) -> None:
+        if timesteps is None:
+            raise ValueError("objective 'window' needs each sample's timestep: pass timesteps to observe")
+        loss = per_sample_loss.detach().cpu().to(torch.float64).reshape(-1)
+        steps = timesteps.detach().cpu().long().reshape(-1)
+        if steps.shape != loss.shape:
+            raise ValueError(f"{loss.shape[0]} losses but {steps.shape[0]} timesteps")
+        self._win_batches.append((loss, self._check_groups(group_index), steps))
+
+    def _mix(self) -> None:
+        point = self._point()
+        if self.variant.mix_toward == "candidate":
+            target = explore_around(self._candidate, self.variant.candidate_noise, self._decay_gen)
+        else:
+            # Order follows the authors' training script: the exploration mix is
+            # applied on EVERY step, including right after a window's BO update
+            # (so the GP candidate is already mixed once before it is first used).
+            target = torch.rand(point.shape, generator=self._decay_gen, dtype=torch.float64)
+        rho = self.exploitation_rate
+        self._set_point(rho * point + (1.0 - rho) * target)
+
+    def _window_points(self) -> tuple[Tensor, Tensor]:
+        """The open window's GP points: one per step (paper), or one for the whole window."""
         xs = torch.stack(self._win_x)
-        ys = torch.tensor(self._win_y, dtype=torch.float64).unsqueeze(-1)
+        if self.variant.objective == "step":
+            return xs, torch.tensor(self._win_y, dtype=torch.float64).unsqueeze(-1)
+        losses, groups, timesteps = (torch.cat(part) for part in zip(*self._win_batches, strict=True))
+        sizes, buckets = self._sizes.tolist(), self.variant.timestep_buckets
+        y, _ = window_objective(losses, groups, timesteps, sizes, buckets, self.num_timesteps)
+        # One point per window (fbp_variants, reason 2): the mean of the points used over
+        # the window, which shaped its losses. Per-step points from the window so far
+        # would be 30 correlated views of one number that the GP takes as independent.
+        return xs.mean(dim=0, keepdim=True), torch.tensor([[y]], dtype=torch.float64)
+
+    def _take_window(self) -> tuple[Tensor, Tensor, float]:
+        """Closes the open window: the GP's points (with ``history_windows``) and the window's mean gap."""
+        xs, ys = self._window_points()
+        fit = [*self._history, (xs, ys)]
+        # Variant (fbp_variants, reason 4): with history_windows K > 1 the GP also sees
+        # the K - 1 windows before this one; the paper (K = 1) keeps none.
+        keep = self.variant.history_windows - 1
+        self._history = fit[-keep:] if keep else []
+        self._win_x, self._win_y, self._win_batches = [], [], []
+        return torch.cat([x for x, _ in fit]), torch.cat([y for _, y in fit]), -float(ys.mean())
+
+    def _close_window(self, result: FBPStepResult) -> None:
+        xs, ys, mean_gap = self._take_window()
         candidate, acq, reason = self._optimise_window(xs, ys, self.window_index)
-        self._record_window(result, xs, ys, candidate, acq, reason, self.step)
-        self._win_x, self._win_y = [], []
+        self._record_window(result, xs, ys, candidate, acq, reason, self.step, mean_gap)
 
     def _optimise_window(
         self, xs: Tensor, ys: Tensor, window_index: int
     ) -> tuple[Tensor | None, float | None, str | None]:
+        if ys.shape[0] < 2:
+            return None, None, "fewer than 2 points to fit (objective: window, first window)"
         if float(ys.max() - ys.min()) == 0.0:
             # Constant objective (e.g. every batch held a single group): the
             # GP has nothing to learn and Standardize would divide by zero.
@@ -329,11 +435,9 @@ class FBPController:
         return candidate, acq, None
 
     def _submit_window(self) -> None:
-        xs = torch.stack(self._win_x)
-        ys = torch.tensor(self._win_y, dtype=torch.float64).unsqueeze(-1)
-        self._pending = _PendingFit(xs, ys, self.window_index, self.step, self.step + self.fit_lag)
+        xs, ys, mean_gap = self._take_window()
+        self._pending = _PendingFit(xs, ys, self.window_index, self.step, self.step + self.fit_lag, mean_gap)
         self._start_pending()
-        self._win_x, self._win_y = [], []
 
     def _start_pending(self) -> None:
         assert self._pending is not None
@@ -346,7 +450,8 @@ class FBPController:
         pending, self._pending = self._pending, None
         assert pending is not None and pending.future is not None
         candidate, acq, reason = pending.future.result()
-        self._record_window(result, pending.xs, pending.ys, candidate, acq, reason, pending.close_step)
+        mean_gap = -float(pending.ys.mean()) if pending.mean_gap is None else pending.mean_gap
+        self._record_window(result, pending.xs, pending.ys, candidate, acq, reason, pending.close_step, mean_gap)
 
     def close(self) -> None:
         """Stops the background fitting thread, if any (pending fits are dropped)."""
@@ -363,23 +468,24 @@ class FBPController:
         acq: float | None,
         reason: str | None,
         close_step: int,
+        mean_gap: float,
     ) -> None:
-        if candidate is not None:
-            self.sigma = candidate
-        else:
-            # Degenerate window: training must not stop because BO could not
-            # run, so we fall back to the best sigma actually observed in this
-            # window (first argmax of y), a safe, data-backed choice.
-            self.sigma = xs[int(torch.argmax(ys))].clone()
+        # Degenerate window (no candidate): training must not stop because BO could
+        # not run, so we fall back to the best sigma actually observed in this window
+        # (first argmax of y; with history_windows, in the windows fitted), a safe,
+        # data-backed choice.
+        self._set_point(candidate if candidate is not None else xs[int(torch.argmax(ys))])
+        self._candidate = self._point()
         self.windows.append(
             FBPWindowRecord(
                 window_index=self.window_index,
                 step=close_step,
                 acquisition_value=acq,
-                mean_gap=-float(ys.mean()),
+                mean_gap=mean_gap,
                 sigma=self.sigma.tolist(),
                 fit_failed=reason is not None,
                 applied_step=self.step,
+                mean_shift=self._shift_record(),
             )
         )
         result.window_closed, result.acquisition_value = True, acq
@@ -433,6 +539,11 @@ class FBPController:
             # A fit still running is saved as its inputs: it is deterministic, so
             # a resumed run refits it and applies it at the same step.
             "pending": None if self._pending is None else self._pending.state_dict(),
+            "variant": asdict(self.variant),
+            "shift": self.shift.clone(),
+            "candidate": self._candidate.clone(),
+            "history": [(x.clone(), y.clone()) for x, y in self._history],
+            "window_batches": [tuple(t.clone() for t in batch) for batch in self._win_batches],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -448,7 +559,15 @@ class FBPController:
         for key in ("attributes", "window", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict {key}={state[key]!r} != {getattr(self, key)!r}")
+        # A state saved before the variants existed is the paper's.
+        variant = state.get("variant", asdict(FBPVariant()))
+        if variant != asdict(self.variant):
+            raise ValueError(f"state_dict variant={variant!r} != {asdict(self.variant)!r}")
         self.sigma = state["sigma"].clone().to(torch.float64)
+        self.shift = state.get("shift", self.shift).clone().to(torch.float64)
+        self._candidate = state.get("candidate", self._point()).clone().to(torch.float64)
+        self._history = [(x.to(torch.float64), y.to(torch.float64)) for x, y in state.get("history", [])]
+        self._win_batches = [(loss, groups, steps) for loss, groups, steps in state.get("window_batches", [])]
         self._win_x = [x.clone().to(torch.float64) for x in state["window_x"]]
         self._win_y = [float(y) for y in state["window_y"]]
         self.step, self.window_index = int(state["step"]), int(state["window_index"])

@@ -4,7 +4,9 @@ The loop follows diffusers' ``train_text_to_image.py``: the VAE and text encoder
 frozen, the UNet learns to predict the noise (or v) added to image latents at a random
 timestep. With ``method: fair`` each sample's loss is scaled by the FBP weight
 (FairDiffusion Sec. 3.2, see :mod:`fairdiffusion.training.fbp`); ``method: baseline`` is the
-same loop with unit weights, for comparison.
+same loop with unit weights, for comparison; ``method: reweight`` weighs each loss by the
+inverse frequency of its group and ``method: balanced`` draws the groups equally often
+(:mod:`fairdiffusion.training.balance`), the standard fairness baselines.
 
 Every random draw of a step (data order, latent sampling, noise, timesteps, FBP's
 ``eps``) is made for the whole global batch, identically on every process, and each
@@ -41,6 +43,7 @@ from fairdiffusion.config import TrainingConfig
 from fairdiffusion.errors import TrainingError
 from fairdiffusion.models.loading import ModelComponents, assemble_pipeline, load_pipeline, load_training_components
 from fairdiffusion.models.presets import SD_PRESETS
+from fairdiffusion.training.balance import GroupBalance, build_group_balance
 from fairdiffusion.training.checkpoints import (
     CHECKPOINT_FORMAT,
     find_resume_checkpoint,
@@ -49,13 +52,21 @@ from fairdiffusion.training.checkpoints import (
     set_aside_checkpoints,
 )
 from fairdiffusion.training.dataset import FundusPromptDataset, GlobalBatchSampler
-from fairdiffusion.training.fbp import FBPController, derive_seed, diagnose_windows
-from fairdiffusion.training.results import WARMUP_STEPS, FBPWindowSummary, TrainingResult, TrainingTiming
+from fairdiffusion.training.fbp import FBPController, FBPVariant, derive_seed, diagnose_windows
+from fairdiffusion.training.results import (
+    WARMUP_STEPS,
+    FBPWindowSummary,
+    TrainingLogRecord,
+    TrainingResult,
+    TrainingTiming,
+)
 from fairdiffusion.training.sampling import ArtifactCallback, build_validation_prompts, sample_validation_grid
 
 logger = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
+#: Loss weights of a global batch from its group codes (FBP's, or the reweighting's).
+Weigher = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -93,42 +104,51 @@ class _LoopState:
     windows: list[FBPWindowSummary] = field(default_factory=list)
     #: FBP warnings by kind, each given once.
     warned: dict[str, str] = field(default_factory=dict)
+    history: list[TrainingLogRecord] = field(default_factory=list)
+    #: The (per-sample losses, group codes) of the steps since the last history record.
+    interval: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "noise_generator": self.noise_generator.get_state(),
             "windows": [asdict(w) for w in self.windows],
             "warned": dict(self.warned),
+            "history": [asdict(r) for r in self.history],
+            "interval": list(self.interval),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.noise_generator.set_state(state["noise_generator"])
         self.windows = [FBPWindowSummary.from_dict(w) for w in state["windows"]]
         self.warned = dict(state["warned"])
+        self.history = [TrainingLogRecord(**r) for r in state.get("history", [])]
+        self.interval = list(state.get("interval", []))
 
 
 @dataclass
 class _StepBuffer:
-    """The micro-batches of one optimiser step: per-sample losses, global group codes and weights."""
+    """The micro-batches of one optimiser step: per-sample losses and timesteps, global group codes and weights."""
 
     losses: list[torch.Tensor] = field(default_factory=list)
     groups: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, losses: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor) -> None:
-        self.losses.append(losses)
+    def add(self, losses: torch.Tensor, timesteps: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor) -> None:
+        # Timesteps (< 2^24, exact in float32) travel with the losses: one gather, not two.
+        self.losses.append(torch.stack([losses.float(), timesteps.to(torch.float32)], dim=1))
         self.groups.append(groups)
         self.weights.append(weights)
 
-    def flush(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The global batch's per-sample losses and group codes, and its loss; empties the buffer."""
+    def flush(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The global batch's per-sample losses, group codes and timesteps, and its loss; empties the buffer."""
         # Every process sees the global batch, so every process holds the same sigma.
-        losses = _gather_in_global_order(accelerator, self.losses).float().cpu()
+        gathered = _gather_in_global_order(accelerator, self.losses).cpu()
+        losses, timesteps = gathered[:, 0].contiguous(), gathered[:, 1].long()
         groups = torch.cat(self.groups)
         # The global batch's loss, as one process holding it would compute it.
         loss = float((torch.cat(self.weights) * losses).mean())
         self.losses, self.groups, self.weights = [], [], []
-        return losses, groups, loss
+        return losses, groups, timesteps, loss
 
 
 @dataclass
@@ -170,20 +190,28 @@ class _Clock:
         )
 
 
-def _group_metrics(
+def _group_summary(
     losses: torch.Tensor, groups: torch.Tensor, attributes: Mapping[str, Sequence[str]]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-group mean losses and, per attribute, the gap between the present groups."""
-    metrics, gaps = {}, {}
+) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+    """Per-group (``attribute/group``) mean losses and sample counts; per attribute, the present groups' gap."""
+    means, counts, gaps = {}, {}, {}
     for a, (attribute, names) in enumerate(attributes.items()):
-        means = []
+        present = []
         for g, name in enumerate(names):
             mask = groups[:, a] == g
             if mask.any():
-                means.append(float(losses[mask].mean()))
-                metrics[f"train/group_loss/{attribute}/{name}"] = means[-1]
-        gaps[attribute] = max(means) - min(means) if len(means) >= 2 else 0.0
-    return metrics, gaps
+                present.append(float(losses[mask].mean()))
+                means[f"{attribute}/{name}"], counts[f"{attribute}/{name}"] = present[-1], int(mask.sum())
+        gaps[attribute] = max(present) - min(present) if len(present) >= 2 else 0.0
+    return means, counts, gaps
+
+
+def _group_metrics(
+    losses: torch.Tensor, groups: torch.Tensor, attributes: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-group mean losses (``train/group_loss/*``) and, per attribute, the gap between the present groups."""
+    means, _, gaps = _group_summary(losses, groups, attributes)
+    return {f"train/group_loss/{key}": value for key, value in means.items()}, gaps
 
 
 def _make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -265,7 +293,23 @@ def _build_model(pretrained: str, allow_download: bool, config: TrainingConfig, 
     return _Model(accelerator, components, unet, trainable, optimizer, lr_scheduler, ema, dtype)
 
 
-def _make_fbp(attributes: Mapping[str, Sequence[str]], config: TrainingConfig) -> FBPController | None:
+def _fbp_variant(config: TrainingConfig) -> FBPVariant:
+    fbp = config.fbp
+    return FBPVariant(
+        objective=fbp.objective,
+        timestep_buckets=fbp.timestep_buckets,
+        history_windows=fbp.history_windows,
+        mix_toward=fbp.mix_toward,
+        candidate_noise=fbp.candidate_noise,
+        weights=fbp.weights,
+        mean_shift=fbp.mean_shift,
+        mean_shift_max=fbp.mean_shift_max,
+    )
+
+
+def _make_fbp(
+    attributes: Mapping[str, Sequence[str]], config: TrainingConfig, num_timesteps: int
+) -> FBPController | None:
     if config.method != "fair":
         return None
     # rank=0 on every process: each draws the eps of the whole global batch from the
@@ -278,7 +322,27 @@ def _make_fbp(attributes: Mapping[str, Sequence[str]], config: TrainingConfig) -
         seed=config.seed,
         rank=0,
         fit_lag=config.fbp.fit_lag,
+        variant=_fbp_variant(config),
+        num_timesteps=num_timesteps,
     )
+
+
+def _make_balance(
+    dataset: FundusPromptDataset, attributes: Mapping[str, Sequence[str]], config: TrainingConfig
+) -> GroupBalance | None:
+    if config.method not in ("reweight", "balanced"):
+        return None
+    balance = build_group_balance(dataset.groups, attributes, config.balance_attributes, config.max_group_weight)
+    logger.info(
+        "%s: group weights %s",
+        config.method,
+        ", ".join(
+            f"{name} {float(w):.3g} ({int(n)} rows)"
+            for name, w, n in zip(balance.names, balance.table, balance.counts, strict=True)
+            if n
+        ),
+    )
+    return balance
 
 
 def _batches_per_epoch(num_rows: int, config: TrainingConfig, num_processes: int) -> int:
@@ -291,20 +355,37 @@ def _batches_per_epoch(num_rows: int, config: TrainingConfig, num_processes: int
     return num_rows // micro_batch
 
 
+def _loss_weigher(fbp: FBPController | None, balance: GroupBalance | None, config: TrainingConfig) -> Weigher | None:
+    """What weighs a global batch's losses: FBP, the inverse-frequency weights, or nothing (unit weights)."""
+    if fbp is not None:
+        return fbp.sample_weights
+    if balance is not None and config.method == "reweight":
+        return balance.row_weights
+    return None
+
+
 def _micro_batches(
-    dataset: FundusPromptDataset, config: TrainingConfig, accelerator: Accelerator, start_step: int
+    dataset: FundusPromptDataset,
+    config: TrainingConfig,
+    accelerator: Accelerator,
+    start_step: int,
+    balance: GroupBalance | None = None,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """This process's micro-batches from optimiser step ``start_step`` to ``max_steps``.
 
     Each comes with the group codes of its whole global batch, which FBP weighs and observes.
+    ``method: balanced`` draws rows with replacement in proportion to ``balance``'s group weights.
     """
+    row_weights = balance.row_weights(dataset.groups) if balance is not None and config.method == "balanced" else None
     world, rank = accelerator.num_processes, accelerator.process_index
     accumulation = config.gradient_accumulation_steps
     remaining = (config.max_steps - start_step) * accumulation
     epoch, start_batch = divmod(start_step * accumulation, _batches_per_epoch(len(dataset), config, world))
     while remaining > 0:
         dataset.set_epoch(epoch)
-        sampler = GlobalBatchSampler(len(dataset), config.batch_size, world, rank, config.seed, epoch, start_batch)
+        sampler = GlobalBatchSampler(
+            len(dataset), config.batch_size, world, rank, config.seed, epoch, start_batch, row_weights
+        )
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -373,13 +454,14 @@ def _noisy_latents(
 
 
 def _weighted_loss(
-    per_sample: torch.Tensor, global_groups: torch.Tensor, fbp: FBPController | None, rank: int, batch_size: int
+    per_sample: torch.Tensor, global_groups: torch.Tensor, weigh: Weigher | None, rank: int, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The micro-batch's loss, and the loss weights of its whole global batch (ones without FBP)."""
-    if fbp is None:
+    """The micro-batch's loss, and the loss weights of its whole global batch (ones without weights)."""
+    if weigh is None:
         return per_sample.mean(), torch.ones(len(global_groups))
-    # FBP (Sec. 3.2): loss = mean_i w_i * mse_i with w_i = 1 + sum_a sigma_g * eps.
-    global_weights = fbp.sample_weights(global_groups)
+    # FBP (Sec. 3.2): loss = mean_i w_i * mse_i with w_i = 1 + sum_a sigma_g * eps;
+    # reweight: w_i the fixed inverse-frequency weight of the sample's group.
+    global_weights = weigh(global_groups)
     local = slice(rank * batch_size, (rank + 1) * batch_size)
     return (global_weights[local].to(per_sample.device) * per_sample).mean(), global_weights
 
@@ -388,13 +470,13 @@ def _train_step(
     model: _Model,
     batch: dict[str, torch.Tensor],
     global_groups: torch.Tensor,
-    fbp: FBPController | None,
+    weigh: Weigher | None,
     generator: torch.Generator,
     config: TrainingConfig,
     step: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch of optimiser step ``step`` (1-based): forward, backward, and the update
-    when the gradients sync. Returns this process's per-sample losses and the global weights."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-batch of optimiser step ``step`` (1-based): forward, backward, and the update when the
+    gradients sync. Returns this process's per-sample losses and timesteps, and the global weights."""
     accelerator, noise_scheduler = model.accelerator, model.components.noise_scheduler
     with accelerator.accumulate(model.unet):
         noisy_latents, timesteps, encoder_hidden_states, target = _noisy_latents(model, batch, generator)
@@ -403,7 +485,7 @@ def _train_step(
         if config.snr_gamma is not None:
             per_sample = per_sample * _min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
         loss, global_weights = _weighted_loss(
-            per_sample, global_groups, fbp, accelerator.process_index, config.batch_size
+            per_sample, global_groups, weigh, accelerator.process_index, config.batch_size
         )
         micro_loss = float(loss.detach())
         if not math.isfinite(micro_loss):
@@ -416,14 +498,16 @@ def _train_step(
         model.optimizer.step()
         model.lr_scheduler.step()
         model.optimizer.zero_grad()
-    return per_sample.detach(), global_weights
+    return per_sample.detach(), timesteps, global_weights
 
 
 def _gather_in_global_order(accelerator: Accelerator, local: list[torch.Tensor]) -> torch.Tensor:
-    """The per-sample values of every micro-batch of a step, ordered as one process would see them."""
-    stacked = torch.stack(local)  # [micro-batches, local batch]
-    gathered = accelerator.gather(stacked)  # [processes * micro-batches, local batch], process-major
-    return gathered.view(accelerator.num_processes, *stacked.shape).transpose(0, 1).reshape(-1)
+    """The per-sample values (``[local batch, ...]`` each) of every micro-batch of a step, in the order
+    one process would see them: ``[global batch, ...]``."""
+    stacked = torch.stack(local)  # [micro-batches, local batch, ...]
+    gathered = accelerator.gather(stacked)  # [processes * micro-batches, local batch, ...], process-major
+    ordered = gathered.view(accelerator.num_processes, *stacked.shape).transpose(0, 1)
+    return ordered.reshape(-1, *stacked.shape[2:])
 
 
 def _loss_metrics(
@@ -445,12 +529,13 @@ def _observe_fbp(
     fbp: FBPController,
     losses: torch.Tensor,
     groups: torch.Tensor,
+    timesteps: torch.Tensor,
     state: _LoopState,
     warn_windows: int,
     warn: Callable[[str], None] | None,
 ) -> tuple[dict[str, float], bool]:
     """Feeds the step's global losses to FBP. Returns its metrics, and whether a window closed."""
-    result = fbp.observe(losses, groups)
+    result = fbp.observe(losses, groups, timesteps)
     metrics = {"fbp/objective": result.y} | {f"fbp/gap/{a}": gap for a, gap in result.gaps.items()}
     if result.window_closed:
         summary = FBPWindowSummary(
@@ -475,7 +560,43 @@ def _observe_fbp(
     metrics |= {
         f"fbp/sigma/{name.replace('=', '/')}": value for name, value in zip(fbp.weight_names, result.sigma, strict=True)
     }
+    if fbp.variant.mean_shift:
+        offsets = fbp.mean_offsets.tolist()
+        metrics |= {f"fbp/mean_shift/{n.replace('=', '/')}": v for n, v in zip(fbp.weight_names, offsets, strict=True)}
     return metrics, result.window_closed
+
+
+def _log_due(config: TrainingConfig, step: int, window_closed: bool) -> bool:
+    return window_closed or step % config.log_every == 0 or step == config.max_steps
+
+
+def _keep_history(
+    state: _LoopState,
+    losses: torch.Tensor,
+    groups: torch.Tensor,
+    attributes: Mapping[str, Sequence[str]],
+    fbp: FBPController | None,
+    due: bool,
+) -> None:
+    """Pools the step's losses; when a log is due, turns the pooled steps into a history record."""
+    state.interval.append((losses, groups))
+    if not due:
+        return
+    pooled = torch.cat([loss for loss, _ in state.interval])
+    means, counts, gaps = _group_summary(pooled, torch.cat([g for _, g in state.interval]), attributes)
+    used = fbp.steps[-1] if fbp is not None else None  # the sigma that weighted this step
+    record = TrainingLogRecord(
+        step=state.step,
+        steps=len(state.interval),
+        loss=float(pooled.mean()),
+        group_losses=means,
+        group_samples=counts,
+        gaps=gaps,
+        sigma=None if used is None else list(used.sigma),
+        mean_shift=list(used.mean_shift) if used is not None and used.mean_shift else None,
+    )
+    state.history.append(record)
+    state.interval = []
 
 
 def _finish_step(
@@ -493,12 +614,14 @@ def _finish_step(
     """
     if model.ema is not None:
         model.ema.step(model.trainable)
-    losses, groups, state.loss = buffer.flush(model.accelerator)
+    losses, groups, timesteps, state.loss = buffer.flush(model.accelerator)
     metrics = _loss_metrics(losses, groups, attributes, state.loss, float(model.lr_scheduler.get_last_lr()[0]))
-    if fbp is None:
-        return metrics, False
-    fbp_metrics, window_closed = _observe_fbp(fbp, losses, groups, state, config.fbp.warn_windows, warn)
-    return metrics | fbp_metrics, window_closed
+    window_closed = False
+    if fbp is not None:
+        fbp_metrics, window_closed = _observe_fbp(fbp, losses, groups, timesteps, state, config.fbp.warn_windows, warn)
+        metrics |= fbp_metrics
+    _keep_history(state, losses, groups, attributes, fbp, _log_due(config, state.step, window_closed))
+    return metrics, window_closed
 
 
 def _report_step(
@@ -511,7 +634,7 @@ def _report_step(
     fbp: FBPController | None,
 ) -> None:
     """Hands the metrics to ``log_metrics`` when due (and at every closed window); updates the bar."""
-    if log_metrics is not None and (window_closed or step % config.log_every == 0 or step == config.max_steps):
+    if log_metrics is not None and _log_due(config, step, window_closed):
         log_metrics(metrics, step)
     progress.update(1)
     postfix = {"loss": f"{metrics['train/loss']:.4f}", "gap": f"{metrics['train/loss_gap']:.4f}"}
@@ -558,6 +681,13 @@ def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_proc
         "lora_rank": config.lora_rank,
         "use_ema": config.use_ema,
         "checkpoint_format": CHECKPOINT_FORMAT,
+        # None for the paper's settings, so the checkpoints of earlier runs stay loadable.
+        "balance": (
+            {"attributes": config.balance_attributes, "max_group_weight": config.max_group_weight}
+            if config.method in ("reweight", "balanced")
+            else None
+        ),
+        "fbp_variant": None if config.method != "fair" or config.fbp.is_paper() else asdict(_fbp_variant(config)),
     }
 
 
@@ -678,7 +808,7 @@ def _out_of_memory_message(config: TrainingConfig, step: int) -> str:
     return f"out of memory at step {step}; settings that reduce memory: " + "; ".join(options)
 
 
-# Over 80 lines only through its docstring (about 75 without): the one function that reads
+# Over 80 lines only through its docstring (about 78 without): the one function that reads
 # top to bottom like diffusers' train_text_to_image.py (set-up, loop, save), each part a helper above.
 def train_unet(
     samples: pd.DataFrame,
@@ -727,7 +857,9 @@ def train_unet(
     )
     batches_per_epoch = _batches_per_epoch(len(dataset), config, world)
     prompts = build_validation_prompts(samples, attributes) if config.sampling.every else []
-    fbp = _make_fbp(attributes, config)
+    fbp = _make_fbp(attributes, config, model.components.noise_scheduler.config.num_train_timesteps)
+    balance = _make_balance(dataset, attributes, config)
+    weigh = _loss_weigher(fbp, balance, config)
     state = _LoopState(torch.Generator(accelerator.device).manual_seed(config.seed))
     # accelerate saves and loads these with its own state, by position: the run identity
     # (method, use_ema) guarantees a resumed run registers the same ones.
@@ -745,11 +877,11 @@ def train_unet(
     progress = tqdm(total=config.max_steps, initial=state.step, disable=not main, desc="training", dynamic_ncols=True)
     warn = partial(_warn_fbp, progress) if main else None
     try:
-        for global_groups, batch in _micro_batches(dataset, config, accelerator, state.step):
-            losses, weights = _train_step(
-                model, batch, global_groups, fbp, state.noise_generator, config, state.step + 1
+        for global_groups, batch in _micro_batches(dataset, config, accelerator, state.step, balance):
+            losses, timesteps, weights = _train_step(
+                model, batch, global_groups, weigh, state.noise_generator, config, state.step + 1
             )
-            buffer.add(losses, global_groups, weights)
+            buffer.add(losses, timesteps, global_groups, weights)
             if not accelerator.sync_gradients:
                 continue
 
@@ -794,4 +926,5 @@ def train_unet(
         resumed_from=None if resume_from is None else str(resume_from),
         lora_dir=lora_dir,
         timing=clock.timing(loop_seconds, samples_per_step, fbp.busy_seconds if fbp else 0.0, peak_memory),
+        history=state.history,
     )

@@ -69,6 +69,40 @@ class FBPWindowSummary:
 
 
 @dataclass(frozen=True)
+class TrainingLogRecord:
+    """The training losses by group since the previous record; one record per log step.
+
+    Made at every step that logs to MLflow (every ``log_every`` steps, at every FBP
+    window and at the last step), whether or not anything is logged. The losses are
+    pooled over every sample of the steps since the previous record, so a record's group
+    means rest on ``steps`` batches, not one (``log_every: 1`` gives one per step).
+
+    Attributes:
+        step: The training step (1-based) the record was made at.
+        steps: Optimiser steps pooled (since the previous record).
+        loss: Mean unweighted per-sample loss over them: comparable between methods
+            (the optimised, weighted loss is ``train/loss`` in MLflow).
+        group_losses: Mean unweighted loss per group, keyed ``attribute/group``; a group
+            with no sample in those steps is left out.
+        group_samples: The samples behind each mean, keyed like ``group_losses``.
+        gaps: Max minus min of the group means, per attribute.
+        sigma: ``method: fair``: the perturbation scales that weighted step ``step``'s
+            losses (in ``TrainingResult.sigma_names`` order); else ``None``.
+        mean_shift: ``method: fair`` with ``fbp.mean_shift``: the per-group weight mean
+            offsets of step ``step``, in the same order; else ``None``.
+    """
+
+    step: int
+    steps: int
+    loss: float
+    group_losses: dict[str, float]
+    group_samples: dict[str, int]
+    gaps: dict[str, float]
+    sigma: list[float] | None = None
+    mean_shift: list[float] | None = None
+
+
+@dataclass(frozen=True)
 class TrainingResult:
     """Where the trained pipeline is and how training went."""
 
@@ -87,6 +121,8 @@ class TrainingResult:
     #: The LoRA adapters alone (diffusers format), when ``training.lora_rank`` is set.
     lora_dir: str | None = None
     timing: TrainingTiming | None = None
+    #: The losses by group (and FBP's sigma) at every log step, oldest first: for plots.
+    history: list[TrainingLogRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form."""
@@ -101,5 +137,6 @@ class TrainingResult:
             | {
                 "windows": [FBPWindowSummary.from_dict(w) for w in data["windows"]],
                 "timing": None if timing is None else TrainingTiming(**timing),
+                "history": [TrainingLogRecord(**record) for record in data.get("history", [])],
             }
         )

@@ -5,6 +5,8 @@ Each table below is judged by its own suite, so a failure names exactly what bro
   label, no missing protected attribute, unique subject ids, readable files, provenance:
   synthetic rows name their model, the test split is entirely real, the synthetic share
   of training is at most the ceiling);
+- ``synthetic_shares``: one row per training group, its synthetic share at most the
+  per-group ceiling;
 - ``patients``: one row per patient with the splits it appears in (at most one);
 - ``images``: one row per image from decoding it (decodes, layout, dtype, shape,
   intensity range, not constant, no identical image in another split);
@@ -339,6 +341,44 @@ def _patients(samples: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"patient_id": splits.index.astype(str), "splits": splits.to_numpy()})
 
 
+def synthetic_group_shares(
+    samples: pd.DataFrame, attributes: Mapping[str, Sequence[str]], train_splits: Sequence[str]
+) -> pd.DataFrame:
+    """One row per group present in training: its training rows, synthetic rows and synthetic share."""
+    train = samples[samples["split"].isin(list(train_splits))]
+    synthetic = train["source"] == "synthetic"
+    rows = []
+    for attribute in [a for a in attributes if a in train.columns]:
+        for group, is_synthetic in synthetic.groupby(train[attribute]):
+            rows.append(
+                {
+                    "group": f"train {attribute}={group}",
+                    "rows": len(is_synthetic),
+                    "synthetic": int(is_synthetic.sum()),
+                    "share": round(float(is_synthetic.mean()), 4),
+                }
+            )
+    return pd.DataFrame(rows, columns=["group", "rows", "synthetic", "share"])
+
+
+def _run_synthetic_group_shares(
+    suites: _Suites,
+    samples: pd.DataFrame,
+    attributes: Mapping[str, Sequence[str]],
+    config: ValidationConfig,
+    train_splits: Sequence[str],
+) -> None:
+    if not {"source", "split"} <= set(samples.columns) or config.max_synthetic_fraction_per_group >= 1:
+        return
+    ceiling = config.max_synthetic_fraction_per_group
+    rule = (
+        f"at most {ceiling:.0%} of each group's training rows are synthetic "
+        "(validation.max_synthetic_fraction_per_group)"
+    )
+    shares = synthetic_group_shares(samples, attributes, train_splits)
+    suites.run("synthetic_shares", shares, [_Check(_gx_between("share", max_value=ceiling), rule)], "group")
+
+
 def _synthetic_summary(samples: pd.DataFrame, train_splits: Sequence[str], test_split: str) -> dict[str, Any]:
     if not {"source", "split"} <= set(samples.columns):
         return {}
@@ -407,6 +447,7 @@ def validate_dataset(
         suites.run("images", images, _image_checks(config, schema, images["shape"]), "file")
     suites.run("group_counts", group_counts, _count_checks(group_counts["minimum"].tolist()), "slice")
     _run_class_balance(suites, samples, attributes, schema, config, split_sets)
+    _run_synthetic_group_shares(suites, samples, attributes, config, train_splits)
     shifts = _run_share_shifts(suites, counts, reference, attributes, config) if reference is not None else []
     docs = suites.build_docs()
     excluded = excluded if excluded is not None else pd.DataFrame(columns=["subject", "reason"])

@@ -65,7 +65,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
         ({"bogus_section": {}}, "bogus_section", "Extra inputs are not permitted"),
         ({"training": {"max_steps": "many"}}, "training.max_steps", "integer"),
         ({"training": {"max_steps": 0}}, "training.max_steps", "greater than or equal to 1"),
-        ({"training": {"method": "magic"}}, "training.method", "'fair' or 'baseline'"),
+        ({"training": {"method": "magic"}}, "training.method", "'fair', 'baseline', 'reweight' or 'balanced'"),
         ({"evaluation": {"extractor": {"dim": "x"}}}, "evaluation.extractor.dim", "integer"),
         ({"validation": {"image_shape": [32]}}, "validation.image_shape", ""),
         ({"data": {"attributes": {"race": ["Asian"]}}}, "data.attributes", "two or more distinct groups"),
@@ -183,3 +183,16 @@ def test_fbp_and_sampling_sections() -> None:
     )
     with pytest.raises(ConfigError, match=r"training\.fbp: .*fit_lag 4 must be below time_window 4"):
         parse_config({"training": {"fbp": {"time_window": 4, "fit_lag": 4}}})
+
+
+def test_the_renamed_ci_method_names_the_key_and_its_new_value(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "old.yaml", {"evaluation": {"ci_method": "bias_corrected"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "  - evaluation.ci_method: 'bias_corrected' was renamed 'bias_shifted_percentile'" in message
+    assert "not Efron's BC or BCa" in message and "Value error" not in message
+    for value in ("bias_shifted_percentile", "percentile", "bca"):
+        assert parse_config({"evaluation": {"ci_method": value}}).evaluation.ci_method == value
+    assert PipelineConfig().evaluation.ci_method == "bias_shifted_percentile"

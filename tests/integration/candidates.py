@@ -46,6 +46,20 @@ def register_candidate(
     evaluated_md5: str | None = "same",
 ) -> lineage.PromotionOutcome:
     """Open a run like the pipeline does, then run stage 5 (gate, register, promote)."""
+    run_id, training, report = open_candidate(config, pipeline_dir, metrics, data_md5, evaluated_md5)
+    outcome = lineage.gate_and_register(config, run_id, training, report)
+    tracking.end_run(config.tracking, run_id)
+    return outcome
+
+
+def open_candidate(
+    config: PipelineConfig,
+    pipeline_dir: Path,
+    metrics: dict[str, float],
+    data_md5: str = "md5-v1",
+    evaluated_md5: str | None = "same",
+) -> tuple[str, TrainingResult, EvaluationReport]:
+    """A candidate's run (data/code tags, metrics) and what stage 5 is given: (run id, training, report)."""
     tags = {
         schema.DATA_MD5: data_md5,
         schema.DATA_DVC_COMMIT: "0" * 40,
@@ -74,9 +88,7 @@ def register_candidate(
         final_sigma=None,
         windows=[],
     )
-    outcome = lineage.gate_and_register(config, run_id, training, report)
-    tracking.end_run(config.tracking, run_id)
-    return outcome
+    return run_id, training, report
 
 
 if __name__ == "__main__":

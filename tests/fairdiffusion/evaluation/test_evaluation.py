@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,12 @@ from PIL import Image
 from fairdiffusion.config import ClinicalConfig, EvaluationConfig, ExtractorConfig
 from fairdiffusion.data.fairgenmed import load_fairgenmed
 from fairdiffusion.data.images import load_real_images
+from fairdiffusion.evaluation.comparison import BaselineRun, compare_with_baseline
 from fairdiffusion.evaluation.evaluate import evaluate_model
 from fairdiffusion.evaluation.features import build_extractor, extract_features
 from fairdiffusion.evaluation.generation import generate_images, resolve_device
 from fairdiffusion.evaluation.image_metrics import fid_from_features
-from fairdiffusion.evaluation.report import render_report_files
+from fairdiffusion.evaluation.report import render_markdown, render_report_files
 from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.evaluation.slices import define_slices
 
@@ -203,3 +205,19 @@ def test_report_renders_again_from_its_json(evaluated, tmp_path: Path) -> None:
     assert files["markdown"].read_text() == (Path(config.output_dir) / "evaluation.md").read_text()
     assert (tmp_path / "again" / report.grids["race"]).is_file()
     assert restored.clinical is not None and restored.clinical.classes == report.clinical.classes  # type: ignore[union-attr]
+
+
+def test_the_report_shows_the_deltas_from_a_baseline_run_and_keeps_them_in_its_json(evaluated, tmp_path: Path) -> None:
+    report, _, _ = evaluated
+    x = report.extractor
+    worse = {k: v + 1.0 for k, v in report.metrics.items() if k.startswith(f"fid_{x}/")}
+    baseline = BaselineRun("run-b", "champion v7", worse)
+    compared = replace(report, baseline=compare_with_baseline(report.metrics, baseline, ATTRS, x))
+    files = render_report_files(compared, tmp_path / "with-baseline")
+    markdown = files["markdown"].read_text()
+    assert "## Against the baseline: champion v7 (run run-b), same data version" in markdown
+    assert f"| fid_{x}/race/Asian |" in markdown and "| -1 | better |" in markdown
+    assert "Against the baseline: champion v7" in files["html"].read_text()
+    restored = EvaluationReport.from_dict(json.loads(files["json"].read_text()))
+    assert restored.baseline == compared.baseline
+    assert "Against the baseline" not in render_markdown(report)

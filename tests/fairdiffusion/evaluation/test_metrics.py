@@ -12,6 +12,7 @@ from scipy import linalg
 
 from fairdiffusion.evaluation.image_metrics import (
     IMAGE_METRICS,
+    INCEPTION_SCORE,
     FeatureStatistics,
     fid_from_features,
     frechet_distance,
@@ -31,6 +32,7 @@ from fairdiffusion.evaluation.slices import (
     compute_slice_metrics,
     define_slices,
     equity_scaled,
+    matched_ci_method,
 )
 
 ATTRS = {"race": ["Asian", "Black", "White"], "gender": ["Female", "Male"]}
@@ -287,6 +289,13 @@ def test_inception_score_matches_torchmetrics_and_the_closed_form() -> None:
         metric = inception.InceptionScore(feature=Logits(), splits=1)
     metric.update(torch.from_numpy(logits))
     assert inception_score(logits) == pytest.approx(float(metric.compute()[0]), rel=1e-6)
+    # torchmetrics' default, ten splits of 3 images here, scores far lower: the split size
+    # changes the number, which is why every key names the one split (is_1split_...).
+    with pytest.warns(UserWarning):
+        ten = inception.InceptionScore(feature=Logits())
+    ten.update(torch.from_numpy(logits))
+    assert float(ten.compute()[0]) < 0.7 * inception_score(logits)
+    assert INCEPTION_SCORE == "is_1split"
 
 
 # --- Slices, intersections and the batched statistics -----------------------------------------------
@@ -348,11 +357,11 @@ def test_feature_statistics_batches_equal_one_at_a_time() -> None:
     statistics = FeatureStatistics(real, generated, logits)
     index = np.random.default_rng(4).integers(0, len(real), size=(6, 25))
     batch = statistics(index)
-    assert statistics.metric_names == ["fid", "kid", "is"]
+    assert statistics.metric_names == ["fid", "kid", "is_1split"] == list(IMAGE_METRICS)
     for b, rows in enumerate(index):
         assert batch["fid"][b] == pytest.approx(fid_from_features(real[rows], generated[rows]), rel=1e-9)
         assert batch["kid"][b] == pytest.approx(kid_from_features(real[rows], generated[rows]), rel=1e-9)
-        assert batch["is"][b] == pytest.approx(inception_score(logits[rows]), rel=1e-9)
+        assert batch[INCEPTION_SCORE][b] == pytest.approx(inception_score(logits[rows]), rel=1e-9)
 
 
 def test_feature_statistics_rejects_unpaired_features() -> None:
@@ -431,15 +440,95 @@ def test_matched_sample_size_removes_the_size_bias_of_fid() -> None:
     assert low <= matched.values["fid"]["large"] <= high
 
 
-def test_bias_corrected_interval_shifts_percentiles_by_the_bootstrap_bias() -> None:
+def test_bias_shifted_percentile_interval_shifts_percentiles_by_the_bootstrap_bias() -> None:
     from fairdiffusion.evaluation.slices import _interval
 
     replicates = np.linspace(11.0, 13.0, 101)  # centred on 12, the estimate is 10
     assert _interval(replicates, 0.9, 10.0, "percentile") == pytest.approx([11.1, 12.9])
-    assert _interval(replicates, 0.9, 10.0, "bias_corrected") == pytest.approx([9.1, 10.9])
-    assert _interval(replicates, 0.9, 0.2, "bias_corrected")[0] == 0.0  # clipped: non-negative quantity
+    assert _interval(replicates, 0.9, 10.0, "bias_shifted_percentile") == pytest.approx([9.1, 10.9])
+    assert _interval(replicates, 0.9, 0.2, "bias_shifted_percentile")[0] == 0.0  # clipped: non-negative quantity
     mostly_nan = np.array([1.0, 2.0] + [np.nan] * 8)
     assert all(math.isnan(v) for v in _interval(mostly_nan, 0.9, 1.5, "percentile"))
+
+
+def test_bca_of_a_slice_is_scipys_bca_over_its_subjects() -> None:
+    """The overall slice's BCa interval is scipy's, with FID as a plain function of resampled subjects."""
+    from scipy import stats
+
+    real, generated, _ = make_population()
+    analysis = analyse(SliceSettings(resamples=120, matched_draws=0, seed=7, ci_method="bca"))
+    direct = stats.bootstrap(
+        (np.arange(len(real)),),
+        lambda rows: fid_from_features(real[rows], generated[rows]),
+        n_resamples=120,
+        vectorized=False,
+        method="BCa",
+        rng=np.random.default_rng(7),  # the overall slice is the first one resampled
+    )
+    interval = direct.confidence_interval
+    assert analysis.intervals["overall"]["fid"] == pytest.approx([interval.low, interval.high], rel=1e-9)
+
+
+def test_bca_intervals_of_row_sets_equal_scipy_on_the_values_for_one_and_two_samples() -> None:
+    from scipy import stats
+
+    from fairdiffusion.evaluation.bca import bca_intervals
+
+    rng = np.random.default_rng(0)
+    x, y = rng.exponential(size=40), rng.normal(size=25) + 1
+
+    def both(batches: list[np.ndarray]) -> np.ndarray:
+        (rows,) = batches
+        return np.stack([x[rows].mean(axis=-1), x[rows].std(axis=-1)])
+
+    bounds = bca_intervals([np.arange(40)], both, 500, 0.9, np.random.default_rng(1))
+    for row, function in zip(bounds, (np.mean, np.std), strict=True):
+        expected = stats.bootstrap((x,), function, n_resamples=500, confidence_level=0.9, rng=np.random.default_rng(1))
+        assert row == pytest.approx(list(expected.confidence_interval), rel=1e-12)
+
+    def difference(batches: list[np.ndarray]) -> np.ndarray:
+        return (x[batches[0]].mean(axis=-1) - y[batches[1]].mean(axis=-1))[None]
+
+    bounds = bca_intervals([np.arange(40), np.arange(25)], difference, 500, 0.9, np.random.default_rng(1))
+    expected = stats.bootstrap(
+        (x, y), lambda a, b: a.mean() - b.mean(), n_resamples=500, confidence_level=0.9, rng=np.random.default_rng(1)
+    )
+    assert bounds[0] == pytest.approx(list(expected.confidence_interval), rel=1e-12)
+
+
+def test_bca_covers_every_interval_and_keeps_shifted_percentiles_for_matched_sizes() -> None:
+    bca = analyse(SliceSettings(resamples=80, matched_draws=3, min_slice_size=10, seed=3, ci_method="bca"))
+    assert json.dumps(bca.to_dict()) == json.dumps(
+        analyse(SliceSettings(resamples=80, matched_draws=3, min_slice_size=10, seed=3, ci_method="bca")).to_dict()
+    )
+    for name in ("overall", "gender/Female", "race/Black"):
+        for metric in ("fid", "kid"):
+            low, high = bca.intervals[name][metric]
+            assert low < bca.slices[name][metric] < high, (name, metric)
+    gap = bca.equity_intervals["fid"]["race"]["max_gap"]
+    assert all(math.isfinite(v) for v in gap) and gap[0] < bca.equity["fid"]["race"]["max_gap"] < gap[1]
+    tiny = [name for name, v in bca.slices.items() if v["num_samples"] < 2]
+    assert tiny and all(math.isnan(v) for name in tiny for v in bca.intervals[name]["fid"])
+    # scipy has no m-out-of-n bootstrap: matched sizes keep the bias-shifted percentiles.
+    assert matched_ci_method("bca") == "bias_shifted_percentile" and matched_ci_method("percentile") == "percentile"
+    assert all(math.isfinite(v) for v in bca.matched["race"].intervals["fid"]["overall"])
+
+
+def test_bca_gives_no_interval_where_every_resample_inflates_fid_beyond_the_estimate() -> None:
+    """At d = 32, duplicated subjects put every resample's FID above the estimate: z0 = -inf."""
+    rng = np.random.default_rng(2)
+    real, generated = rng.normal(size=(80, 32)), rng.normal(size=(80, 32)) + 0.1
+    statistics = FeatureStatistics(real, generated)
+    attrs = {"site": ["a", "b"]}
+    slices = define_slices(pd.DataFrame({"site": ["a", "b"] * 40}), attrs)
+    settings = SliceSettings(resamples=60, matched_draws=0, seed=1, ci_method="bca")
+    bca = analyse_slices(statistics, ["fid", "kid"], IMAGE_METRICS, slices, attrs, settings)
+    assert all(math.isnan(v) for interval in bca.intervals["overall"].values() for v in interval)
+    shifted = analyse_slices(
+        statistics, ["fid"], IMAGE_METRICS, slices, attrs, SliceSettings(resamples=60, matched_draws=0, seed=1)
+    )
+    low, high = shifted.intervals["overall"]["fid"]
+    assert low <= shifted.slices["overall"]["fid"] <= high
 
 
 def test_flat_keys_follow_the_conventions() -> None:

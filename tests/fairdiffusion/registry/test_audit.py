@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 from fairdiffusion.registry import schema
@@ -71,7 +72,7 @@ def test_to_dict_keeps_the_json_shape_of_audit() -> None:
     document = make_lineage().to_dict()
     assert list(document) == [
         "model", "version", "aliases", "run_id", "data", "code", "validation",
-        "training", "metrics", "gate", "status", "decisions", "created_at", "base_model",
+        "training", "metrics", "gate", "status", "decisions", "created_at", "base_model", "alias_problems",
     ]  # fmt: skip
     assert set(document["data"]) == {"dvc_md5", "data_dvc_commit", "path"}
     assert set(document["code"]) == {"git_commit", "dirty"}
@@ -116,3 +117,11 @@ def test_page_shows_lineage_gate_and_history() -> None:
 def test_page_without_validation_says_so() -> None:
     page = render_audit_page(make_lineage(), [], None, {})
     assert "No validation record on this run." in page
+
+
+def test_page_leads_with_aliases_the_log_does_not_explain() -> None:
+    lineage = make_lineage()
+    problem = "alias 'champion' points at v1 but the decision log leaves it at v2"
+    page = render_audit_page(Lineage(**{**vars(lineage), "alias_problems": [problem]}), HISTORY, None, {})
+    assert "disagrees with its decision log" in page and html.escape(problem) in page
+    assert "disagrees" not in render_audit_page(lineage, HISTORY, None, {})

@@ -51,10 +51,11 @@ def test_version_tags_carry_the_verdict_and_only_the_data_and_code_tags() -> Non
     assert tags[schema.GATE_POLICY_FILE] == "policies/demo.yaml" and tags[schema.TRAINING_METHOD] == "fair"
 
 
-def test_description_states_verdict_status_and_provenance() -> None:
+def test_description_states_verdict_and_provenance_but_no_status() -> None:
     passed = GateDecision(True, [], {"name": "demo"}, None, [], "h" * 64)
-    text = promotion._gate_description(CANDIDATE, passed, schema.STATUS_AWAITING_APPROVAL)
-    assert text.startswith("PASSED the fairness gate. Status: awaiting-approval. Data md5 md5-v1")
+    text = promotion._gate_description(CANDIDATE, passed)
+    assert text.startswith("PASSED the fairness gate. Data md5 md5-v1")
+    assert "Status" not in text  # a status written once goes stale when a newer champion replaces it
     assert text.endswith(f"policy policies/demo.yaml (sha256 {'h' * 64}).")
 
 
@@ -73,3 +74,11 @@ def test_search_literal_survives_mlflow_parsing_of_quotes() -> None:
     for value in ("fd'\"x", "ends\\"):
         with pytest.raises(RegistryError, match="model name"):
             promotion.search_literal(value, "model name")
+
+
+def test_a_stored_gate_decision_reads_back() -> None:
+    from fairdiffusion.registry.gate import RuleCheck
+
+    check = RuleCheck("max_es_fid", "es_fid_x/race", 50.0, 40.0, False, "ES-FID on race 50 > 40")
+    decision = GateDecision(False, [check], {"name": "demo"}, "2", ["too unfair"], "h" * 64)
+    assert GateDecision.from_dict(decision.to_dict()) == decision

@@ -57,13 +57,15 @@ def config(output_dir: Path, method: str, seed: int = 0, **overrides: object) ->
     return TrainingConfig(**(values | overrides))
 
 
-def train(samples: pd.DataFrame, pipeline: Path, output_dir: Path, method: str, seed: int = 0) -> Run:
+def train(
+    samples: pd.DataFrame, pipeline: Path, output_dir: Path, method: str, seed: int = 0, **overrides: object
+) -> Run:
     logged: list[tuple[dict[str, float], int]] = []
     result = train_unet(
         samples,
         FAIRGENMED_ATTRIBUTES,
         str(pipeline),
-        config(output_dir, method, seed),
+        config(output_dir, method, seed, **overrides),
         log_metrics=lambda metrics, step: logged.append((dict(metrics), step)),
     )
     return Run(result, output_dir, logged)
@@ -79,6 +81,33 @@ def runs(train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path_factory:
             "fair": train(train_samples, tiny_pipeline_dir, root / "fair", "fair"),
             "fair_again": train(train_samples, tiny_pipeline_dir, root / "fair_again", "fair"),
             "baseline": train(train_samples, tiny_pipeline_dir, root / "baseline", "baseline"),
+        }
+    finally:
+        torch.set_num_threads(previous)
+
+
+#: Every departure from the paper at once (training.fbp).
+FBP_VARIANTS = {
+    "time_window": 2,
+    "objective": "window",
+    "history_windows": 2,
+    "mix_toward": "candidate",
+    "weights": "lognormal",
+    "mean_shift": True,
+}
+
+
+@pytest.fixture(scope="module")
+def arm_runs(train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The fairness baselines and the FBP variants, on the settings of ``runs``."""
+    root = tmp_path_factory.mktemp("arms")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return {
+            "reweight": train(train_samples, tiny_pipeline_dir, root / "reweight", "reweight"),
+            "balanced": train(train_samples, tiny_pipeline_dir, root / "balanced", "balanced"),
+            "fair_variants": train(train_samples, tiny_pipeline_dir, root / "variants", "fair", fbp=FBP_VARIANTS),
         }
     finally:
         torch.set_num_threads(previous)
@@ -152,6 +181,49 @@ def test_baseline_log_callback_has_no_fbp_keys(runs: dict[str, Run]) -> None:
     logged = runs["baseline"].logged
     assert [step for _, step in logged] == [2, 4]
     assert all("train/loss" in m and not any(k.startswith("fbp/") for k in m) for m, _ in logged)
+
+
+@pytest.mark.parametrize("arm", ["reweight", "balanced", "fair_variants"])
+def test_new_arms_train_and_differ_from_the_baseline(runs: dict[str, Run], arm_runs: dict[str, Run], arm: str) -> None:
+    result = arm_runs[arm].result
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    a = load_file(Path(result.model_dir) / UNET_FILE)
+    b = load_file(Path(runs["baseline"].result.model_dir) / UNET_FILE)
+    assert any(not torch.equal(a[k], b[k]) for k in a), "the arm changes what is learnt"
+    assert result.method == ("fair" if arm == "fair_variants" else arm)
+
+
+def test_history_records_losses_by_group_at_every_log_step(runs: dict[str, Run], arm_runs: dict[str, Run]) -> None:
+    for name, run in [("fair", runs["fair"]), ("baseline", runs["baseline"]), *arm_runs.items()]:
+        history = run.result.history
+        assert [(r.step, r.steps) for r in history] == [(2, 2), (4, 2)], name
+        for record in history:
+            for attribute, groups in FAIRGENMED_ATTRIBUTES.items():
+                keys = [f"{attribute}/{g}" for g in groups if f"{attribute}/{g}" in record.group_losses]
+                assert sum(record.group_samples[k] for k in keys) == 8, "2 steps of 4 samples"
+                pooled = sum(record.group_losses[k] * record.group_samples[k] for k in keys) / 8
+                assert pooled == pytest.approx(record.loss, rel=1e-5)
+                means = [record.group_losses[k] for k in keys]
+                assert record.gaps[attribute] == pytest.approx(max(means) - min(means))
+        assert TrainingResult.from_dict(json.loads(json.dumps(run.result.to_dict()))) == run.result
+    fair = json.loads((runs["fair"].output_dir / "fbp_trajectory.json").read_text())
+    assert [r.sigma for r in runs["fair"].result.history] == [fair["steps"][1]["sigma"], fair["steps"][3]["sigma"]]
+    assert all(r.sigma is None and r.mean_shift is None for r in runs["baseline"].result.history)
+    assert all(r.mean_shift is None for r in runs["fair"].result.history)
+    assert all(r.mean_shift is not None and len(r.mean_shift) == 7 for r in arm_runs["fair_variants"].result.history)
+    balanced, baseline = arm_runs["balanced"].result.history, runs["baseline"].result.history
+    assert [r.group_samples for r in balanced] != [r.group_samples for r in baseline], "other rows drawn"
+
+
+def test_fbp_variants_are_wired_into_training(arm_runs: dict[str, Run]) -> None:
+    run = arm_runs["fair_variants"]
+    first, second = run.result.windows
+    assert first.fit_failed and "fewer than 2 points" in (first.reason or ""), "one GP point per window"
+    assert not second.fit_failed and second.acquisition is not None
+    trajectory = json.loads((run.output_dir / "fbp_trajectory.json").read_text())
+    assert all(len(step["mean_shift"]) == 7 for step in trajectory["steps"])
+    metrics, _ = run.logged[-1]
+    assert {"fbp/mean_shift/race/Black", "fbp/sigma/race/Black"} <= set(metrics)
 
 
 def test_nan_loss_stops_training(
@@ -339,6 +411,54 @@ def test_resume_after_a_kill_matches_a_straight_run(
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["balanced", "fair_variants"])
+def test_new_arms_resume_after_a_kill_like_a_straight_run(
+    train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path, arm: str
+) -> None:
+    """Balanced draws, and every FBP variant's state (history, open window, pending fit), survive a kill.
+
+    ``log_every: 3`` leaves step 4's losses pooled but not yet recorded in the checkpoint.
+    """
+    settings: dict[str, object] = {"max_steps": 8, "checkpoint_every": 4, "log_every": 3}
+    settings["fbp"] = FBP_VARIANTS | {"fit_lag": 1}
+    method = "balanced" if arm == "balanced" else "fair"
+    pipeline = str(tiny_pipeline_dir)
+    straight = train_unet(train_samples, FAIRGENMED_ATTRIBUTES, pipeline, config(tmp_path / "a", method, **settings))
+
+    def die_after_checkpoint(metrics: dict[str, float], step: int) -> None:
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_unet(
+            train_samples,
+            FAIRGENMED_ATTRIBUTES,
+            pipeline,
+            config(tmp_path / "b", method, **settings),
+            log_metrics=die_after_checkpoint,
+        )
+    resumed = train_unet(
+        train_samples, FAIRGENMED_ATTRIBUTES, pipeline, config(tmp_path / "b", method, resume="latest", **settings)
+    )
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-4")
+    a = load_file(Path(straight.model_dir) / UNET_FILE)
+    b = load_file(Path(resumed.model_dir) / UNET_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a), "identical weights"
+    expected_steps = [3, 6, 8] if arm == "balanced" else [3, 5, 6, 7, 8]  # and every applied window (fit_lag 1)
+    assert resumed.history == straight.history and [r.step for r in resumed.history] == expected_steps
+    assert resumed.windows == straight.windows and resumed.final_sigma == straight.final_sigma
+    with pytest.raises(TrainingError, match="different fbp_variant" if arm != "balanced" else "different balance"):
+        changed = {"fbp": FBP_VARIANTS | {"fit_lag": 1, "weights": "clipped"}} if arm != "balanced" else {}
+        extra = {"max_group_weight": 2.0} if arm == "balanced" else {}
+        train_unet(
+            train_samples,
+            FAIRGENMED_ATTRIBUTES,
+            pipeline,
+            config(tmp_path / "b", method, resume="latest", **(settings | changed | extra)),
+        )
+
+
 def test_resume_refuses_an_incomplete_or_foreign_checkpoint(
     train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path
 ) -> None:
@@ -378,7 +498,7 @@ def test_checkpoint_holds_the_loop_fbp_and_ema_state_as_accelerate_objects(
     assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"} <= names
     assert "fairdiffusion_state.pt" not in names  # no hand-written state beside accelerate's
     loop_state, fbp_state = (torch.load(folder / f"custom_checkpoint_{i}.pkl", weights_only=False) for i in (0, 1))
-    assert set(loop_state) == {"noise_generator", "windows", "warned"}
+    assert set(loop_state) == {"noise_generator", "windows", "warned", "history", "interval"}
     assert fbp_state["step"] == 1
 
 

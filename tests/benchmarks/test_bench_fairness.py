@@ -1,0 +1,51 @@
+"""`benchmarks/bench_fairness.py --quick` runs every arm and writes its table, JSON and plots.
+
+It checks that the benchmark runs and what it writes, never a timing or a finding: the
+quick mode trains 4 steps, far too few for the comparison to mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_run_writes_every_arm_with_paired_intervals_and_plots(tmp_path: Path) -> None:
+    pulled = subprocess.run(
+        [str(BIN / "dvc"), "pull", "-q", "data.dvc", "base-model.dvc"], cwd=REPO, capture_output=True, text=True
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_fairness
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    report = bench_fairness.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "out.json")])
+
+    written = json.loads((tmp_path / "out.json").read_text())
+    arms = list(bench_fairness.ARMS)
+    assert list(written["arms"]) == arms
+    assert set(written["paired_vs_baseline"]) == set(arms) - {"baseline"}
+    for arm, paired in written["paired_vs_baseline"].items():
+        low, high = paired["overall_fid"]["images_ci"]
+        assert low <= high, arm
+        assert len(paired["race_gap"]["per_seed"]) == 1
+    run = written["runs"]["fair"]["0"]
+    assert set(run["matched_fid"]["race"]) == {"Asian", "Black", "White"}
+    assert run["overall_fid"] > 0
+    table = (tmp_path / "fairness.md").read_text()
+    assert all(f"| {arm} |" in table for arm in arms)
+    assert report["setting"]["quick"] is True
+    plots = [Path(p) for p in written["plots"]]
+    assert {p.name for p in plots} == {"loss_by_race_group.png", "loss_gap_race.png", "sigma.png"}
+    assert all(p.stat().st_size > 1000 for p in plots)
