@@ -18,8 +18,10 @@ import numpy as np  # noqa: E402
 def _smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
     if len(values) < width:
         return values
-    kernel = np.ones(width) / width
-    return np.convolve(np.nan_to_num(values, nan=np.nanmean(values)), kernel, mode="same")
+    kernel = np.ones(width)
+    filled = np.nan_to_num(values, nan=np.nanmean(values))
+    # Divided by the window actually covered, so the ends are not pulled towards 0.
+    return np.convolve(filled, kernel, mode="same") / np.convolve(np.ones_like(filled), kernel, mode="same")
 
 
 def _series(history: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
