@@ -140,7 +140,22 @@ def all_arms(fit_lag: int) -> list[Arm]:
         Arm("fair weights=lognormal", "fair", {"weights": "lognormal"}),
         Arm("fair weights=clipped", "fair", {"weights": "clipped"}),
         Arm("fair mean_shift", "fair", {"mean_shift": True}),
+        *(
+            [Arm(f"fair every variant fit_lag={fit_lag}", "fair", _EVERY_VARIANT | {"fit_lag": fit_lag})]
+            if fit_lag
+            else []
+        ),
     ]
+
+
+#: Every departure at once (the benchmark's `fbp-all` arm), for the asynchronous-fit row.
+_EVERY_VARIANT = {
+    "objective": "window",
+    "history_windows": 10,
+    "mix_toward": "candidate",
+    "weights": "lognormal",
+    "mean_shift": True,
+}
 
 
 class PeakRSS:
