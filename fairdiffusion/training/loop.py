@@ -846,6 +846,9 @@ def train_unet(
             runs out (naming the settings that reduce it), or ``training.resume``
             names a checkpoint that is missing, incomplete or from another run.
     """
+    # One readable loop in the manner of diffusers' training scripts: set-up, the step loop
+    # with its periodic checkpoint and sample grid, then saving. Each part it calls is
+    # its own function; what remains is the order they run in, kept on one page.
     started = time.perf_counter()
     accelerator = _make_accelerator(config)
     world, main = accelerator.num_processes, accelerator.is_main_process
@@ -913,18 +916,31 @@ def train_unet(
     lora_dir = _save_outputs(model, fbp, pretrained, allow_download, config) if main else None
     accelerator.wait_for_everyone()
     samples_per_step = config.batch_size * world * config.gradient_accumulation_steps
+    timing = clock.timing(loop_seconds, samples_per_step, fbp.busy_seconds if fbp else 0.0, peak_memory)
+    return _training_result(config, state, fbp, resume_from, lora_dir, timing, time.perf_counter() - started)
+
+
+def _training_result(
+    config: TrainingConfig,
+    state: _LoopState,
+    fbp: FBPController | None,
+    resume_from: Path | None,
+    lora_dir: str | None,
+    timing: TrainingTiming,
+    seconds: float,
+) -> TrainingResult:
     return TrainingResult(
         model_dir=str(Path(config.output_dir) / "pipeline"),
         method=config.method,
         steps=state.step,
         final_loss=state.loss,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         sigma_names=list(fbp.weight_names) if fbp else [],
         final_sigma=[float(s) for s in fbp.sigma] if fbp else None,
         windows=state.windows,
         warnings=list(state.warned.values()),
         resumed_from=None if resume_from is None else str(resume_from),
         lora_dir=lora_dir,
-        timing=clock.timing(loop_seconds, samples_per_step, fbp.busy_seconds if fbp else 0.0, peak_memory),
+        timing=timing,
         history=state.history,
     )
