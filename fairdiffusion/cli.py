@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import typer
 
 from fairdiffusion.config import PipelineConfig, TrackingConfig, config_to_dict, load_config, parse_config
-from fairdiffusion.errors import FairDiffusionError
+from fairdiffusion.errors import FairDiffusionError, GateRejected
 from fairdiffusion.registry import schema
 
 if TYPE_CHECKING:
@@ -62,24 +61,11 @@ def _config_or_default(config: Path | None) -> PipelineConfig:
     return load_config(config) if config is not None else PipelineConfig()
 
 
-class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs a failed task's traceback; for bad input the message is the whole story."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], FairDiffusionError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
 def _run_pipeline(config: Path, force: bool = False, as_json: bool = False) -> None:
     cfg = load_config(config)  # fail on a bad config before Prefect starts
-    from flows.pipeline import fairdiffusion_pipeline
-
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     # With --json, stdout carries the outcome alone; anything the flow prints goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        outcome = fairdiffusion_pipeline(config_path=str(config), force=force)
+        outcome = _pipeline_outcome(config, force)
     uri = cfg.tracking.resolved_tracking_uri()
     if as_json:
         typer.echo(json.dumps({**outcome.to_dict(), "tracking_uri": uri}, indent=2))
@@ -89,6 +75,18 @@ def _run_pipeline(config: Path, force: bool = False, as_json: bool = False) -> N
         _print_decision(outcome, uri)
     if outcome.status == schema.STATUS_REJECTED:
         raise typer.Exit(1)  # a rejected candidate fails the command, as a failed validation does
+
+
+def _pipeline_outcome(config: Path, force: bool) -> PromotionOutcome:
+    """The flow's outcome; a rejected gate ends the flow ``Rejected`` and its error carries the outcome."""
+    from flows.pipeline import fairdiffusion_pipeline
+
+    try:
+        return fairdiffusion_pipeline(config_path=str(config), force=force)
+    except GateRejected as rejected:
+        if rejected.outcome is None:
+            raise
+        return cast("PromotionOutcome", rejected.outcome)
 
 
 def _print_skip(outcome: PromotionOutcome) -> None:
@@ -173,8 +171,6 @@ def generations(
     load_config(config)  # fail on a bad config before Prefect starts
     from flows.generations import fairdiffusion_generations
 
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     summaries = fairdiffusion_generations(config_path=str(config), generations=count, regime=regime)
     if json_path is not None:
         json_path.write_text(json.dumps([s.to_dict() for s in summaries], indent=2, default=str))

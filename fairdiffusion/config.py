@@ -406,8 +406,11 @@ class MadRegularizerConfig(_Section):
     step_size: float = Field(1.0, gt=0)
     #: Synthetic images drawn per step (one per real prompt of the batch when ``None``).
     synthetic_batch_size: int | None = Field(None, ge=1)
-    #: Denoising steps of the no-gradient sampling of the synthetic batch.
+    #: Denoising steps (DDIM, no guidance) of the no-gradient sampling of the synthetic batch.
     inference_steps: int = Field(10, ge=1)
+    #: A new synthetic batch every this many optimiser steps (1: every step, as the paper's
+    #: ``D_S ~ p_theta`` asks); in between, the last one is reused with fresh noise.
+    refresh_every: int = Field(1, ge=1)
 
 
 class TrainingConfig(_Section):
@@ -493,6 +496,13 @@ class TrainingConfig(_Section):
     def _consistent(self) -> TrainingConfig:
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("lora_alpha needs lora_rank")
+        if self.mad_regularizer.weight > 0 and self.lora_rank is None:
+            raise ValueError("mad_regularizer.weight > 0 needs lora_rank: the penalty is on the LoRA updates")
+        if self.mad_regularizer.weight > 0 and self.gradient_checkpointing:
+            raise ValueError(
+                "mad_regularizer.weight > 0 does not work with gradient_checkpointing "
+                "(the penalty back-propagates twice)"
+            )
         return self
 
     @field_validator("balance_attributes")
@@ -734,3 +744,23 @@ def load_config(path: str | Path) -> PipelineConfig:
 def config_to_dict(config: PipelineConfig) -> dict[str, object]:
     """A JSON-serialisable dict of the resolved config, for lineage."""
     return config.model_dump(mode="json")
+
+
+def with_run_output_dirs(config: PipelineConfig, run_key: str) -> PipelineConfig:
+    """The config with training and evaluation writing under ``<output_dir>/<run_key>``.
+
+    Two runs never share a folder (nor resume each other's checkpoints); the feature cache
+    stays where it was, shared, since its keys name model, data and extractor.
+    """
+    if not run_key or "/" in run_key or run_key in {".", ".."}:
+        raise ConfigError(f"run key '{run_key}': must be one folder name")
+    evaluation = config.evaluation
+    cache_dir = evaluation.cache_dir or Path(evaluation.output_dir) / "cache"
+    return config.model_copy(
+        update={
+            "training": config.training.model_copy(update={"output_dir": Path(config.training.output_dir) / run_key}),
+            "evaluation": evaluation.model_copy(
+                update={"output_dir": Path(evaluation.output_dir) / run_key, "cache_dir": cache_dir}
+            ),
+        }
+    )

@@ -37,3 +37,14 @@ class TrainingError(FairDiffusionError):
 
 class RegistryError(FairDiffusionError):
     """The model registry does not hold what was asked for."""
+
+
+class GateRejected(FairDiffusionError):
+    """The fairness gate rejected the candidate: it is registered, never promoted.
+
+    ``outcome`` is the run's :class:`~fairdiffusion.registry.lineage.PromotionOutcome`.
+    """
+
+    def __init__(self, message: str, outcome: object | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome

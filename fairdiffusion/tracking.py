@@ -12,6 +12,8 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,59 @@ def set_run_tags(tracking: TrackingConfig, run_id: str, tags: dict[str, object])
     client = mlflow_client(tracking)
     items = [RunTag(k, v if isinstance(v, str) else json_tag(v)) for k, v in tags.items()]
     client.log_batch(run_id, tags=items)
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """A dataset a run consumed, as MLflow's Datasets panel shows it: no data, only its identity.
+
+    Attributes:
+        name: The dataset's name (the data folder's name).
+        digest: Its version's fingerprint (the DVC md5); at most 36 characters (MLflow's column).
+        source: Where it lives, as MLflow's ``local`` source records it (``uri``), plus any keys
+            that locate the version (the ``.dvc`` file, its git commit).
+        context: What the run used it for (``mlflow.data.context``: training, base model).
+    """
+
+    name: str
+    digest: str
+    source: Mapping[str, object]
+    context: str
+
+
+def log_dataset_inputs(tracking: TrackingConfig, run_id: str, inputs: Sequence[DatasetInput], context_tag: str) -> None:
+    """Record datasets as the run's inputs (``mlflow.log_input`` through the explicit client).
+
+    Idempotent: MLflow keeps one dataset per (name, digest) in the experiment and one input
+    edge per (dataset, run), so a retried call adds nothing.
+    """
+    from mlflow.entities import Dataset, InputTag
+    from mlflow.entities import DatasetInput as MlflowDatasetInput
+
+    entities = [
+        MlflowDatasetInput(
+            Dataset(
+                name=item.name,
+                digest=item.digest,
+                # MLflow's `local` source type, so `mlflow.data.get_source` can read it back.
+                source_type="local",
+                source=json.dumps(dict(item.source), sort_keys=True, default=str),
+            ),
+            tags=[InputTag(context_tag, item.context)],
+        )
+        for item in inputs
+    ]
+    if entities:
+        mlflow_client(tracking).log_inputs(run_id, datasets=entities)
+
+
+def set_run_tag_once(tracking: TrackingConfig, run_id: str, key: str, value: str) -> bool:
+    """Set a tag unless the run already has it with this value (a retry writes nothing); True if written."""
+    client = mlflow_client(tracking)
+    if client.get_run(run_id).data.tags.get(key) == value:
+        return False
+    client.set_tag(run_id, key, value)
+    return True
 
 
 def run_tags(tracking: TrackingConfig, run_id: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from fairdiffusion.registry.generations import (
     generation_config,
     summarise_generation,
 )
+from flows.user_errors import log_user_errors_as_one_line
 from tasks.data import load_samples, version_base_model, version_data
 from tasks.evaluate import evaluate_candidate
 from tasks.generations import generate_training_images, judge_generation, open_generation_run, write_generation_data
@@ -33,6 +34,7 @@ def fairdiffusion_generations(
     config_path: str = "configs/demo.yaml", generations: int = 3, regime: str = "augment"
 ) -> list[GenerationSummary]:
     """Generation 0 on real data, then ``generations - 1`` generations retrained on their predecessors' images."""
+    log_user_errors_as_one_line()
     if regime not in REGIMES:
         raise ValueError(f"regime '{regime}': must be one of {', '.join(REGIMES)}")
     config = load_config(config_path)

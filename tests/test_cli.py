@@ -185,6 +185,23 @@ def test_a_rejected_gate_prints_the_reasons_and_exits_1(monkeypatch, tmp_path: P
     assert "  - overall FID interval high 4.5 >= base model's FID 4.4" in printed
 
 
+def test_a_flow_ending_rejected_prints_the_decision_and_exits_1(call_main, monkeypatch, tmp_path: Path) -> None:
+    """The flow's Rejected state raises GateRejected; the CLI prints the outcome it carries, no traceback."""
+    import flows.pipeline
+    from fairdiffusion.errors import GateRejected
+    from fairdiffusion.registry import schema
+
+    def fake_pipeline(config_path: str, force: bool):
+        raise GateRejected("gate rejected fairdiffusion v2", _fake_outcome(schema.STATUS_REJECTED))
+
+    monkeypatch.setattr(flows.pipeline, "fairdiffusion_pipeline", fake_pipeline)
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    code, out, err = call_main("run", "--config", config)
+    assert code == 1 and "Gate decision  : FAILED: not promoted (fairdiffusion v2)" in out
+    assert "  - a reason" in out and "Traceback" not in err
+
+
 def _emptied(root: Path, name: str) -> Path:
     (root / name).write_bytes(b"")
     return root / name

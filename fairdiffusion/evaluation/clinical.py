@@ -26,6 +26,7 @@ from fairdiffusion.config import ClinicalConfig
 from fairdiffusion.data.catalog import CLINICAL_LABELS
 from fairdiffusion.errors import ConfigError
 from fairdiffusion.evaluation.features import to_unit_batch
+from fairdiffusion.evaluation.progress import progress_bar
 from fairdiffusion.evaluation.results import ClinicalResult
 from fairdiffusion.evaluation.slices import SliceSettings, analyse_slices, define_slices
 
@@ -171,27 +172,30 @@ def _train(
         generator = torch.Generator().manual_seed(config.seed)
         loss_value = float("nan")
         model.train()
-        for _ in range(config.epochs):
-            order = torch.randperm(len(inputs), generator=generator)
-            total, seen = 0.0, 0
-            for start in range(0, len(order), config.batch_size):
-                rows = order[start : start + config.batch_size]
-                if len(rows) < 2:  # batch norm needs two images
-                    continue
-                outputs = model(inputs[rows].to(device))
-                losses = [
-                    F.cross_entropy(outputs[k], labels[k][rows].to(device), ignore_index=_IGNORE)
-                    for k in classes
-                    if (labels[k][rows] != _IGNORE).any()
-                ]
-                if not losses:
-                    continue
-                loss = torch.stack(losses).sum()
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total, seen = total + float(loss.detach()) * len(rows), seen + len(rows)
-            loss_value = total / max(seen, 1)
+        with progress_bar(config.epochs, "clinical classifier", "epoch") as bar:
+            for _ in range(config.epochs):
+                order = torch.randperm(len(inputs), generator=generator)
+                total, seen = 0.0, 0
+                for start in range(0, len(order), config.batch_size):
+                    rows = order[start : start + config.batch_size]
+                    if len(rows) < 2:  # batch norm needs two images
+                        continue
+                    outputs = model(inputs[rows].to(device))
+                    losses = [
+                        F.cross_entropy(outputs[k], labels[k][rows].to(device), ignore_index=_IGNORE)
+                        for k in classes
+                        if (labels[k][rows] != _IGNORE).any()
+                    ]
+                    if not losses:
+                        continue
+                    loss = torch.stack(losses).sum()
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                    total, seen = total + float(loss.detach()) * len(rows), seen + len(rows)
+                loss_value = total / max(seen, 1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                bar.update()
         model.eval()
     return model, loss_value
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from fairdiffusion.config import ExtractorConfig
 from fairdiffusion.errors import ConfigError
+from fairdiffusion.evaluation.progress import progress_bar
 from fairdiffusion.models.extractor import DomainExtractor
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -180,8 +181,9 @@ def extract_features(
     Real and generated images go through exactly this function, so both see the same
     resize (:func:`to_unit_batch`) before the network.
     """
-    chunks = [
-        extractor(to_unit_batch(images[start : start + batch_size], resolution))
-        for start in range(0, len(images), batch_size)
-    ]
+    chunks = []
+    with progress_bar(len(images), "features", "image") as bar:
+        for start in range(0, len(images), batch_size):
+            chunks.append(extractor(to_unit_batch(images[start : start + batch_size], resolution)))
+            bar.update(len(chunks[-1]))
     return torch.cat(chunks) if chunks else torch.empty(0, extractor.dim, dtype=torch.float64)

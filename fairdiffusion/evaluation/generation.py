@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fairdiffusion.config import EvaluationConfig
+from fairdiffusion.evaluation.progress import progress_bar
 from fairdiffusion.evaluation.results import GeneratedImages
 
 
@@ -48,24 +49,29 @@ def generate_images(
 
     device, dtype = resolve_device(config)
     batch_size = batch_size or config.batch_size
-    pipeline = load_pipeline(model_dir).to(device=device, dtype=dtype)
+    pipeline = load_pipeline(model_dir)
+    # Cast only to change the dtype: diffusers warns about float32-kept modules on every
+    # `.to(dtype=...)`, a no-op fp32 -> fp32 cast on the CPU included.
+    pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     outputs = []
     started = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        generators = [torch.Generator(device).manual_seed(config.seed + start + i) for i in range(len(batch))]
-        with torch.inference_mode():
-            result = pipeline(
-                batch,
-                height=resolution,
-                width=resolution,
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
-                generator=generators,
-                output_type="np",
-            )
-        outputs.append((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))
+    with progress_bar(len(prompts), "generating", "image") as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            generators = [torch.Generator(device).manual_seed(config.seed + start + i) for i in range(len(batch))]
+            with torch.inference_mode():
+                result = pipeline(
+                    batch,
+                    height=resolution,
+                    width=resolution,
+                    num_inference_steps=config.num_inference_steps,
+                    guidance_scale=config.guidance_scale,
+                    generator=generators,
+                    output_type="np",
+                )
+            outputs.append((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))
+            bar.update(len(batch))
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

@@ -48,6 +48,7 @@ import pandas as pd
 
 from fairdiffusion.evaluation.bca import bca_intervals
 from fairdiffusion.evaluation.image_metrics import FeatureStatistics
+from fairdiffusion.evaluation.progress import progress_bar
 
 OVERALL = "overall"
 
@@ -387,10 +388,12 @@ def _slice_intervals(
     if settings.ci_method == "bca":
         return resampled, replicates, _bca_slice_intervals(statistic, metric_names, slices, settings, rng)
     level, method = settings.confidence_level, settings.ci_method
-    for name, rows in slices.items():
-        resampled[name] = _resample(rng, rows, settings.resamples)
-        replicates[name] = statistic(resampled[name])
-        intervals[name] = {m: _interval(replicates[name][m], level, table[name][m], method) for m in metric_names}
+    with progress_bar(len(slices), "bootstrap", "slice") as bar:
+        for name, rows in slices.items():
+            resampled[name] = _resample(rng, rows, settings.resamples)
+            replicates[name] = statistic(resampled[name])
+            intervals[name] = {m: _interval(replicates[name][m], level, table[name][m], method) for m in metric_names}
+            bar.update()
     return resampled, replicates, intervals
 
 
@@ -409,12 +412,14 @@ def _bca_slice_intervals(
         return np.stack([values[m] for m in metric_names])
 
     intervals: dict[str, dict[str, list[float]]] = {}
-    for name, rows in slices.items():
-        if len(rows) < 2:
-            intervals[name] = {m: list(nan) for m in metric_names}
-            continue
-        bounds = bca_intervals([rows], quantities, settings.resamples, settings.confidence_level, rng)
-        intervals[name] = {m: [float(b[0]), float(b[1])] for m, b in zip(metric_names, bounds, strict=True)}
+    with progress_bar(len(slices), "bootstrap (BCa)", "slice") as bar:
+        for name, rows in slices.items():
+            bar.update()
+            if len(rows) < 2:
+                intervals[name] = {m: list(nan) for m in metric_names}
+                continue
+            bounds = bca_intervals([rows], quantities, settings.resamples, settings.confidence_level, rng)
+            intervals[name] = {m: [float(b[0]), float(b[1])] for m, b in zip(metric_names, bounds, strict=True)}
     return intervals
 
 

@@ -186,17 +186,35 @@ def render_audit_page(
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{title}</title><style>{_STYLE}</style></head><body>",
-        *_summary_section(lineage),
-        *_validation_section(validation),
-        *_metrics_section(metrics),
+        # The verdict first: the gate and the decisions, then the lineage, and the hundreds of
+        # metric rows last, where they no longer push the decision off the first screen.
+        *_headline_section(lineage),
         *_gate_section(lineage.gate),
         *_history_section(history, lineage.version),
+        *_lineage_section(lineage),
+        *_validation_section(validation),
+        *_metrics_section(metrics),
         "</body></html>",
     ]
     return "\n".join(parts)
 
 
-def _summary_section(lineage: Lineage) -> list[str]:
+def _headline_section(lineage: Lineage) -> list[str]:
+    problems = [
+        "<p class='fail'>The registry disagrees with its decision log:</p><ul>"
+        + "".join(f"<li class='fail'>{_e(p)}</li>" for p in lineage.alias_problems)
+        + "</ul>"
+    ]
+    return [
+        f"<h1>Audit of {_e(lineage.model)} version {_e(lineage.version)}</h1>",
+        *(problems if lineage.alias_problems else []),
+        f"<p>Aliases: <b>{_e(', '.join(lineage.aliases) or 'none')}</b> · status "
+        f"<b>{_e(lineage.status)}</b> · gate {_verdict(lineage.gate.passed)} · created "
+        f"{_e(lineage.created_at)} · MLflow run <code>{_e(lineage.run_id)}</code></p>",
+    ]
+
+
+def _lineage_section(lineage: Lineage) -> list[str]:
     gate = lineage.gate
     facts = [
         ["data: DVC md5", lineage.data.dvc_md5],
@@ -209,20 +227,7 @@ def _summary_section(lineage: Lineage) -> list[str]:
         ["gate policy", f"{gate.policy_file} (sha256 {gate.policy_hash})"],
         ["compared with champion", gate.compared_with_version or "none (first model)"],
     ]
-    problems = [
-        "<p class='fail'>The registry disagrees with its decision log:</p><ul>"
-        + "".join(f"<li class='fail'>{_e(p)}</li>" for p in lineage.alias_problems)
-        + "</ul>"
-    ]
-    return [
-        f"<h1>Audit of {_e(lineage.model)} version {_e(lineage.version)}</h1>",
-        *(problems if lineage.alias_problems else []),
-        f"<p>Aliases: <b>{_e(', '.join(lineage.aliases) or 'none')}</b> · status "
-        f"<b>{_e(lineage.status)}</b> · gate {_verdict(gate.passed)} · created "
-        f"{_e(lineage.created_at)} · MLflow run <code>{_e(lineage.run_id)}</code></p>",
-        "<h2>Lineage</h2>",
-        _table(["fact", "value"], facts),
-    ]
+    return ["<h2>Lineage</h2>", _table(["fact", "value"], facts)]
 
 
 def _validation_section(validation: Mapping[str, Any] | None) -> list[str]:

@@ -18,7 +18,9 @@ from fairdiffusion.data.versioning import DataVersion, resolve_code_version
 from fairdiffusion.evaluation.results import EvaluationReport
 from fairdiffusion.registry import promotion as registry
 from fairdiffusion.registry import schema
+from fairdiffusion.registry.audit import CodeLineage, DataLineage
 from fairdiffusion.registry.gate import GateDecision, decide_promotion
+from fairdiffusion.registry.model_card import ModelCardFacts, render_model_card
 from fairdiffusion.registry.policy import GatePolicy, PolicyError, load_policy
 from fairdiffusion.registry.skip import ChampionBaseline, SkipDecision, config_fingerprint
 from fairdiffusion.training.results import TrainingResult
@@ -81,6 +83,32 @@ def data_code_tags(data_version: DataVersion, base_version: DataVersion | None =
     return tags
 
 
+def mlflow_source_tags(git_commit: str | None) -> dict[str, str]:
+    """MLflow's own Source fields: the flow's file and, in a git checkout, the commit it ran at."""
+    tags = {schema.MLFLOW_SOURCE_NAME: schema.PIPELINE_SOURCE_NAME, schema.MLFLOW_SOURCE_TYPE: "JOB"}
+    if git_commit:
+        tags[schema.MLFLOW_GIT_COMMIT] = git_commit
+    return tags
+
+
+def dataset_inputs(data_version: DataVersion, base_version: DataVersion | None = None) -> list[runs.DatasetInput]:
+    """The run's MLflow dataset inputs: the training data and the base model, each digested by its DVC md5."""
+    inputs = [_dataset_input(data_version, schema.DATASET_CONTEXT_TRAINING)]
+    if base_version is not None:
+        inputs.append(_dataset_input(base_version, schema.DATASET_CONTEXT_BASE_MODEL))
+    return inputs
+
+
+def _dataset_input(version: DataVersion, context: str) -> runs.DatasetInput:
+    folder = Path(version.dvc_file).parent / version.path
+    return runs.DatasetInput(
+        name=folder.name or Path(version.dvc_file).stem,
+        digest=version.dvc_md5,
+        source={"uri": str(folder), "dvc_file": version.dvc_file, "dvc_commit": version.data_dvc_commit or ""},
+        context=context,
+    )
+
+
 def open_pipeline_run(
     config: PipelineConfig,
     data_version: DataVersion,
@@ -97,6 +125,7 @@ def open_pipeline_run(
     tags = {
         k: v if isinstance(v, str) else json.dumps(v) for k, v in data_code_tags(data_version, base_version).items()
     }
+    tags |= mlflow_source_tags(tags[schema.CODE_GIT_COMMIT])
     tags[schema.CONFIG_SHA256] = config_fingerprint(config)
     tags[schema.RUN_OWNER] = runs.process_owner()
     end_orphaned_runs(config)
@@ -112,6 +141,9 @@ def open_pipeline_run(
     runs.log_params(config.tracking, run_id, params)
     runs.log_json(config.tracking, run_id, resolved, schema.CONFIG_ARTIFACT)
     runs.log_json(config.tracking, run_id, data_version.to_dict(), schema.DATA_VERSION_ARTIFACT)
+    runs.log_dataset_inputs(
+        config.tracking, run_id, dataset_inputs(data_version, base_version), schema.MLFLOW_DATASET_CONTEXT
+    )
     return run_id
 
 
@@ -156,8 +188,7 @@ def record_skip_decision(config: PipelineConfig, run_id: str, decision: SkipDeci
     runs.set_run_tags(config.tracking, run_id, tags)
     if not decision.skip:
         return None
-    runs.end_run(config.tracking, run_id, "FINISHED")
-    return PromotionOutcome(
+    outcome = PromotionOutcome(
         model_name=config.tracking.model_name,
         version=decision.champion_version or "",
         promoted=False,
@@ -168,6 +199,27 @@ def record_skip_decision(config: PipelineConfig, run_id: str, decision: SkipDeci
         run_id=run_id,
         report_path="",
     )
+    record_verdict(config, run_id, outcome)
+    runs.end_run(config.tracking, run_id, "FINISHED")
+    return outcome
+
+
+def verdict_of(outcome: PromotionOutcome) -> str:
+    """The run's ``fd.gate.verdict``: promoted, awaiting-approval, rejected or skipped."""
+    if outcome.status == schema.STATUS_SKIPPED:
+        return schema.VERDICT_SKIPPED
+    if outcome.promoted:
+        return schema.VERDICT_PROMOTED
+    return schema.VERDICT_AWAITING_APPROVAL if outcome.passed else schema.VERDICT_REJECTED
+
+
+def record_verdict(config: PipelineConfig, run_id: str, outcome: PromotionOutcome) -> None:
+    """The verdict tag on the run, written once: a retry finds it and writes nothing.
+
+    The outcome is taken from the gate's decision record (one per version), so a retry
+    derives the same verdict.
+    """
+    runs.set_run_tag_once(config.tracking, run_id, schema.GATE_VERDICT, verdict_of(outcome))
 
 
 def record_validation(config: PipelineConfig, run_id: str, result: ValidationResult) -> None:
@@ -278,7 +330,7 @@ def gate_and_register(
     with registry.promotion_lock(tracking, holder=f"pipeline run {run_id}"):
         decision = _decide_once(config, run_id, report, run_tags, gate_policy)
         registered = registry.register_gated_candidate(tracking, candidate, decision, config.gate.require_approval)
-    return PromotionOutcome(
+    outcome = PromotionOutcome(
         model_name=tracking.model_name,
         version=registered.version,
         promoted=registered.promoted,
@@ -289,6 +341,55 @@ def gate_and_register(
         run_id=run_id,
         report_path=str(Path(config.evaluation.output_dir) / "evaluation.md"),
     )
+    # After the decision record: a retry rewrites the same card and finds the verdict written.
+    facts = model_card_facts(config, outcome, run_tags)
+    publish_model_card(config, candidate, training, render_model_card(facts, decision, report, training))
+    record_verdict(config, run_id, outcome)
+    return outcome
+
+
+def model_card_facts(config: PipelineConfig, outcome: PromotionOutcome, run_tags: dict[str, str]) -> ModelCardFacts:
+    """What the model card says about a registered version, from its outcome and its run's lineage tags."""
+    return ModelCardFacts(
+        model_name=outcome.model_name,
+        version=outcome.version,
+        run_id=outcome.run_id,
+        verdict=verdict_of(outcome),
+        base_model=config.model.pretrained,
+        data=DataLineage(
+            dvc_md5=run_tags.get(schema.DATA_MD5),
+            data_dvc_commit=run_tags.get(schema.DATA_DVC_COMMIT) or None,
+            path=run_tags.get(schema.DATA_PATH),
+        ),
+        base_model_version=DataLineage(
+            dvc_md5=run_tags.get(schema.BASE_MD5),
+            data_dvc_commit=run_tags.get(schema.BASE_DVC_COMMIT) or None,
+            path=run_tags.get(schema.BASE_PATH),
+        ),
+        code=CodeLineage(
+            git_commit=run_tags.get(schema.CODE_GIT_COMMIT) or None,
+            dirty=json.loads(run_tags[schema.CODE_DIRTY]) if run_tags.get(schema.CODE_DIRTY) else None,
+        ),
+        synthetic_share=_synthetic_share(run_tags),
+        policy_file=str(config.gate.policy),
+    )
+
+
+def publish_model_card(
+    config: PipelineConfig, candidate: registry.GatedCandidate, training: TrainingResult, card: str
+) -> None:
+    """The card as ``README.md`` in the saved pipeline folder, on the run, and in the logged model's pipeline.
+
+    Each write replaces the same file, so a retry leaves one card.
+    """
+    folder = Path(training.model_dir)
+    if folder.is_dir():
+        (folder / schema.MODEL_CARD_FILE).write_text(card)
+    else:
+        logger.warning("Pipeline folder %s is gone: the model card is only logged to MLflow", folder)
+    runs.log_text(config.tracking, candidate.run_id, card, schema.MODEL_CARD_ARTIFACT)
+    if candidate.model_id:
+        registry.log_model_card(config.tracking, candidate.model_id, card)
 
 
 def _decide_once(

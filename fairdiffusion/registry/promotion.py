@@ -23,6 +23,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -108,10 +109,12 @@ def log_model(tracking: TrackingConfig, run_id: str, model_dir: str | Path) -> t
 
     The pyfunc wraps the diffusers folder unchanged (safetensors weights), with a
     signature and explicit requirements, so nothing is inferred by importing the model.
+    It is logged as code (:mod:`fairdiffusion.registry.pyfunc_model`), not cloudpickled;
+    versions logged before that still load, their class being where it was.
     """
     import mlflow
 
-    from fairdiffusion.registry.serving import PIPELINE_ARTIFACT, FairDiffusionPyfunc, model_signature
+    from fairdiffusion.registry.serving import MODEL_CODE_FILE, PIPELINE_ARTIFACT, model_signature
 
     requirements = [f"{p}=={metadata.version(p)}" for p in _SERVING_PACKAGES if _installed(p)]
     # The fluent API is the only way to log a pyfunc. It keeps the tracking URI in a
@@ -122,7 +125,8 @@ def log_model(tracking: TrackingConfig, run_id: str, model_dir: str | Path) -> t
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=schema.MODEL_ARTIFACT,
-                python_model=FairDiffusionPyfunc(),
+                # A file path: models-from-code, so loading the model runs that file, never unpickles.
+                python_model=str(MODEL_CODE_FILE),
                 artifacts={PIPELINE_ARTIFACT: str(model_dir)},
                 signature=model_signature(),
                 pip_requirements=requirements,
@@ -156,6 +160,21 @@ def log_model_once(tracking: TrackingConfig, run_id: str, model_dir: str | Path)
     client.set_tag(run_id, schema.MODEL_ID, model_id or "")
     client.set_tag(run_id, schema.MODEL_URI, model_uri)
     return model_uri, model_id
+
+
+def log_model_card(tracking: TrackingConfig, model_id: str, card: str) -> None:
+    """Put the model card in the logged pyfunc's pipeline folder, beside the weights it describes.
+
+    The model was logged before the gate decided, so the card is added to it afterwards;
+    writing it again replaces the same file.
+    """
+    from fairdiffusion.registry.serving import PIPELINE_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / schema.MODEL_CARD_FILE
+        path.write_text(card)
+        # A pyfunc keeps each of its `artifacts={name: folder}` under `artifacts/<name>/`.
+        _client(tracking).log_model_artifact(model_id, str(path), artifact_path=f"artifacts/{PIPELINE_ARTIFACT}")
 
 
 def _logged_model_of(client: Any, run_id: str) -> tuple[str, str] | None:

@@ -43,6 +43,25 @@ MODEL_URI = "fd.model.uri"
 MODEL_ID = "fd.model.id"
 #: The Prefect flow run that opened the run: a retried ``open_tracking_run`` finds it by this.
 FLOW_RUN_ID = "fd.flow_run_id"
+#: What the pipeline did with the run's candidate, once known: one of the ``VERDICT_*`` below.
+#: A column in the MLflow UI's run table; the model version's status is derived elsewhere.
+GATE_VERDICT = "fd.gate.verdict"
+VERDICT_PROMOTED = "promoted"
+VERDICT_AWAITING_APPROVAL = "awaiting-approval"
+VERDICT_REJECTED = "rejected"
+VERDICT_SKIPPED = "skipped"
+
+# MLflow's own tags and dataset-input context (mlflow.utils.mlflow_tags), which its UI shows
+# as the run's Source and its Datasets' context.
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
+#: The run's source: the flow every pipeline run (CLI or deployment) executes, at the commit above.
+PIPELINE_SOURCE_NAME = "flows/pipeline.py"
+#: The dataset inputs' contexts: the training data, and the base model's weights (versioned like data).
+DATASET_CONTEXT_TRAINING = "training"
+DATASET_CONTEXT_BASE_MODEL = "base-model"
 
 # Tags on the model version: the gate's verdict, the status, and the latest decision.
 GATE_PASSED = "fd.gate.passed"
@@ -98,6 +117,10 @@ EVALUATION_HTML_ARTIFACT = f"{EVALUATION_DIR}/report.html"
 MODEL_ARTIFACT = "model"
 #: The decision, as JSON, on its audit run.
 DECISION_ARTIFACT = "decision.json"
+#: The version's fairness model card (:mod:`fairdiffusion.registry.model_card`): on the run,
+#: and as ``README.md`` in the saved pipeline folder (diffusers' model-card convention).
+MODEL_CARD_FILE = "README.md"
+MODEL_CARD_ARTIFACT = f"model_card/{MODEL_CARD_FILE}"
 
 # A model version's status (``PromotionOutcome.status``; derived from the aliases and the
 # decision log at read time by :mod:`fairdiffusion.registry.status`; the ``fd.status`` tag

@@ -8,12 +8,15 @@ The weights inside are the diffusers pipeline's safetensors files, loaded with t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
 PIPELINE_ARTIFACT = "pipeline"
+#: The models-from-code file that builds :class:`FairDiffusionPyfunc` when MLflow loads the model.
+MODEL_CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_PARAMS: dict[str, Any] = {
     "num_inference_steps": 20,
     "guidance_scale": 7.5,

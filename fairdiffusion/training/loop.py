@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import is_initialized
 from accelerate.utils import set_seed
@@ -53,6 +52,8 @@ from fairdiffusion.training.checkpoints import (
 )
 from fairdiffusion.training.dataset import FundusPromptDataset, GlobalBatchSampler
 from fairdiffusion.training.fbp import FBPController, FBPVariant, derive_seed, diagnose_windows
+from fairdiffusion.training.losses import diffusion_target, per_sample_loss
+from fairdiffusion.training.mad_step import MadRegularizer
 from fairdiffusion.training.results import (
     WARMUP_STEPS,
     FBPWindowSummary,
@@ -345,6 +346,22 @@ def _make_balance(
     return balance
 
 
+def _make_mad(model: _Model, attributes: Mapping[str, Sequence[str]], config: TrainingConfig) -> MadRegularizer | None:
+    if config.mad_regularizer.weight == 0:
+        return None
+    if model.accelerator.num_processes > 1:
+        # DDP's gradient hooks do not support the penalty's double back-propagation.
+        raise TrainingError("training.mad_regularizer needs a single training process (it back-propagates twice)")
+    return MadRegularizer(
+        model.components.unet,
+        config.mad_regularizer,
+        model.components.noise_scheduler,
+        [len(groups) for groups in attributes.values()],
+        config.seed,
+        config.snr_gamma,
+    )
+
+
 def _batches_per_epoch(num_rows: int, config: TrainingConfig, num_processes: int) -> int:
     micro_batch = config.batch_size * num_processes
     if num_rows < micro_batch:
@@ -415,17 +432,6 @@ def _draw_step_noise(
     return latent_eps[part], noise[part], timesteps[part]
 
 
-def _min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    # Min-SNR-gamma (Hang et al. 2023), as diffusers' train_text_to_image.py computes it.
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
-
-
 @torch.no_grad()
 def _noisy_latents(
     model: _Model, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -446,11 +452,7 @@ def _noisy_latents(
     encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
     noise = noise.to(latents.dtype)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return noisy_latents, timesteps, encoder_hidden_states, target
+    return noisy_latents, timesteps, encoder_hidden_states, diffusion_target(noise_scheduler, latents, noise, timesteps)
 
 
 def _weighted_loss(
@@ -474,16 +476,16 @@ def _train_step(
     generator: torch.Generator,
     config: TrainingConfig,
     step: int,
+    mad: MadRegularizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One micro-batch of optimiser step ``step`` (1-based): forward, backward, and the update when the
     gradients sync. Returns this process's per-sample losses and timesteps, and the global weights."""
     accelerator, noise_scheduler = model.accelerator, model.components.noise_scheduler
     with accelerator.accumulate(model.unet):
         noisy_latents, timesteps, encoder_hidden_states, target = _noisy_latents(model, batch, generator)
-        prediction = model.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if config.snr_gamma is not None:
-            per_sample = per_sample * _min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
+        with mad.probe() if mad is not None else nullcontext() as probe:
+            prediction = model.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        per_sample = per_sample_loss(prediction, target, timesteps, noise_scheduler, config.snr_gamma)
         loss, global_weights = _weighted_loss(
             per_sample, global_groups, weigh, accelerator.process_index, config.batch_size
         )
@@ -492,6 +494,8 @@ def _train_step(
             raise TrainingError(
                 f"training loss became {micro_loss} at step {step}; lower training.learning_rate or check the data"
             )
+        if mad is not None and probe is not None:  # Mayer et al. 2024, Sec. 4: beside the (weighted) real loss
+            loss = loss + mad.term(model.unet, probe, per_sample, encoder_hidden_states, global_groups, step)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.trainable, config.max_grad_norm)
@@ -607,6 +611,7 @@ def _finish_step(
     attributes: Mapping[str, Sequence[str]],
     config: TrainingConfig,
     warn: Callable[[str], None] | None,
+    mad: MadRegularizer | None = None,
 ) -> tuple[dict[str, float], bool]:
     """After an optimiser step: the EMA update, the global batch's loss and metrics, FBP's observation.
 
@@ -616,6 +621,8 @@ def _finish_step(
         model.ema.step(model.trainable)
     losses, groups, timesteps, state.loss = buffer.flush(model.accelerator)
     metrics = _loss_metrics(losses, groups, attributes, state.loss, float(model.lr_scheduler.get_last_lr()[0]))
+    if mad is not None:
+        metrics["train/mad_penalty"] = mad.take_mean_penalty()
     window_closed = False
     if fbp is not None:
         fbp_metrics, window_closed = _observe_fbp(fbp, losses, groups, timesteps, state, config.fbp.warn_windows, warn)
@@ -688,6 +695,7 @@ def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_proc
             else None
         ),
         "fbp_variant": None if config.method != "fair" or config.fbp.is_paper() else asdict(_fbp_variant(config)),
+        "mad_regularizer": config.mad_regularizer.model_dump() if config.mad_regularizer.weight > 0 else None,
     }
 
 
@@ -863,6 +871,7 @@ def train_unet(
     fbp = _make_fbp(attributes, config, model.components.noise_scheduler.config.num_train_timesteps)
     balance = _make_balance(dataset, attributes, config)
     weigh = _loss_weigher(fbp, balance, config)
+    mad = _make_mad(model, attributes, config)
     state = _LoopState(torch.Generator(accelerator.device).manual_seed(config.seed))
     # accelerate saves and loads these with its own state, by position: the run identity
     # (method, use_ema) guarantees a resumed run registers the same ones.
@@ -882,14 +891,14 @@ def train_unet(
     try:
         for global_groups, batch in _micro_batches(dataset, config, accelerator, state.step, balance):
             losses, timesteps, weights = _train_step(
-                model, batch, global_groups, weigh, state.noise_generator, config, state.step + 1
+                model, batch, global_groups, weigh, state.noise_generator, config, state.step + 1, mad
             )
             buffer.add(losses, timesteps, global_groups, weights)
             if not accelerator.sync_gradients:
                 continue
 
             state.step += 1
-            metrics, window_closed = _finish_step(model, buffer, fbp, state, attributes, config, warn)
+            metrics, window_closed = _finish_step(model, buffer, fbp, state, attributes, config, warn, mad)
             _report_step(metrics, state.step, window_closed, config, log_metrics if main else None, progress, fbp)
             clock.step_done()
 

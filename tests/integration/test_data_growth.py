@@ -155,8 +155,10 @@ def test_unchanged_rerun_records_the_skip_and_trains_nothing(prefect_harness, pr
     weights = project["root"] / "train" / "pipeline" / "model_index.json"
     stamp = weights.stat().st_mtime
 
-    outcome = fairdiffusion_pipeline(config_path=str(project["config"]))
+    state = fairdiffusion_pipeline(config_path=str(project["config"]), return_state=True)
 
+    assert state.is_completed() and state.name == "Skipped", state
+    outcome = state.result()
     assert outcome.status == "skipped" and not outcome.promoted
     assert outcome.version == "1" and outcome.compared_with_version == "1"
     assert "champion v1 was trained on: nothing new to train on" in outcome.reasons[0]

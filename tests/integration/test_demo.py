@@ -71,8 +71,10 @@ def test_a_one_step_candidate_is_rejected_by_the_reference_rule(pulled: Path, tm
     config_path = tmp_path / "one-step.yaml"
     config_path.write_text(yaml.safe_dump(document))
 
-    outcome = fairdiffusion_pipeline(config_path=str(config_path))
+    state = fairdiffusion_pipeline(config_path=str(config_path), return_state=True)
 
+    assert state.is_failed() and state.name == "Rejected", state
+    outcome = state.result(raise_on_failure=False).outcome  # the GateRejected error carries it
     assert not outcome.promoted and not outcome.passed
     assert any("not better than the model it started from" in reason for reason in outcome.reasons), outcome.reasons
     lineage = read_lineage(load_config(config_path).tracking, version=outcome.version)

@@ -46,7 +46,9 @@ def test_prefect_deploy_registers_the_weekly_schedule(tmp_path: Path) -> None:
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
                 time.sleep(1)
-        client_env = env | {"PREFECT_API_URL": api, "FAIRDIFFUSION_CHECKOUT": str(REPO), "COLUMNS": "250"}
+        # FAIRDIFFUSION_CHECKOUT is the worker's, not the deployer's (README, Scheduled retraining).
+        env.pop("FAIRDIFFUSION_CHECKOUT", None)
+        client_env = env | {"PREFECT_API_URL": api, "COLUMNS": "250"}
 
         def prefect(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -65,7 +67,14 @@ def test_prefect_deploy_registers_the_weekly_schedule(tmp_path: Path) -> None:
         with urllib.request.urlopen(request, timeout=30) as response:
             deployment = json.loads(response.read())
         assert deployment["entrypoint"] == "flows/pipeline.py:fairdiffusion_pipeline"
-        assert deployment["parameters"] == {"config_path": "configs/production.yaml"}
+        assert deployment["parameters"] == {"config_path": "configs/production.yaml", "per_run_outputs": True}
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+        # Filled in at deploy time from the Prefect variable (unset here: empty, the config's URI applies).
+        assert deployment["job_variables"] == {"env": {"MLFLOW_TRACKING_URI": ""}}
+        # Kept as written: the worker's environment names the checkout when a run starts.
+        directory = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+        assert directory == "{{ $FAIRDIFFUSION_CHECKOUT }}"
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * 1"]
         assert deployment["work_pool_name"] == "fairdiffusion"
     finally:

@@ -22,6 +22,7 @@ import yaml
 from fairdiffusion.config import load_config
 from fairdiffusion.data.demo import DemoDatasetSpec, generate_demo_dataset
 from fairdiffusion.errors import DataVersionError, ValidationFailed
+from fairdiffusion.registry import schema
 from fairdiffusion.registry.promotion import read_lineage
 
 pytestmark = pytest.mark.slow
@@ -152,14 +153,46 @@ def test_flow_pulls_validates_trains_evaluates_and_promotes(prefect_harness, pro
     assert lineage["code"]["git_commit"], "the code version is recorded"
     weights = list((project["root"] / "train" / "pipeline" / "unet").glob("*.safetensors"))
     assert weights, "the UNet is saved as safetensors"
+    _assert_mlflow_conventions(project, lineage, recorded_md5)
+
+
+def _assert_mlflow_conventions(project: dict[str, Path], lineage, recorded_md5: str) -> None:
+    """MLflow's own lineage fields, the verdict tag, and the model card, in the folder and on the run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(load_config(project["config"]).tracking.resolved_tracking_uri())
+    run = client.get_run(lineage.run_id)
+    assert run.data.tags[schema.MLFLOW_GIT_COMMIT] == lineage.code.git_commit
+    assert run.data.tags[schema.GATE_VERDICT] == schema.VERDICT_PROMOTED
+    inputs = {i.dataset.digest: i for i in run.inputs.dataset_inputs}
+    assert recorded_md5 in inputs, "the training data is a dataset input digested by its DVC md5"
+    assert json.loads(inputs[recorded_md5].dataset.source)["dvc_file"] == str(project["repo"] / "data.dvc")
+    cards = list((project["root"] / "train").rglob(schema.MODEL_CARD_FILE))
+    assert len(cards) == 1, "one model card, in the saved pipeline folder"
+    card = cards[0].read_text()
+    assert card.startswith("---\nlibrary_name: diffusers") and recorded_md5 in card
+    logged = Path(client.download_artifacts(lineage.run_id, schema.MODEL_CARD_ARTIFACT, str(project["root"])))
+    assert logged.read_text() == card
 
 
 def test_second_run_is_compared_with_the_champion(prefect_harness, project):
     from flows.pipeline import fairdiffusion_pipeline
 
     # Same data and config as the champion: only a forced run trains (else it skips).
-    outcome = fairdiffusion_pipeline(config_path=str(project["config"]), force=True)
+    # As the deployment runs it: training and evaluation in folders of this flow run's own.
+    state = fairdiffusion_pipeline(
+        config_path=str(project["config"]), force=True, per_run_outputs=True, return_state=True
+    )
+    result = state.result(raise_on_failure=False)
+    outcome = getattr(result, "outcome", result)  # a Rejected run's GateRejected error carries the outcome
+    assert state.name == {"champion": "Completed", "rejected": "Rejected"}[outcome.status], state
+    run_dir = project["root"] / "train" / str(state.state_details.flow_run_id)
+    assert (run_dir / "pipeline" / "model_index.json").is_file(), "the candidate trained in its own folder"
+    assert outcome.report_path == str(project["root"] / "eval" / run_dir.name / "evaluation.md")
+    from prefect.artifacts import Artifact
 
+    artifact = Artifact.get("gate-fd-test")
+    assert artifact is not None and "| rule |" in str(artifact.data) and outcome.run_id in str(artifact.data)
     assert outcome.version == "2"
     assert outcome.compared_with_version == "1"
     lineage = read_lineage(load_config(project["config"]).tracking, version="2")

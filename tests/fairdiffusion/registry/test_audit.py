@@ -125,3 +125,13 @@ def test_page_leads_with_aliases_the_log_does_not_explain() -> None:
     page = render_audit_page(Lineage(**{**vars(lineage), "alias_problems": [problem]}), HISTORY, None, {})
     assert "disagrees with its decision log" in page and html.escape(problem) in page
     assert "disagrees" not in render_audit_page(lineage, HISTORY, None, {})
+
+
+def test_page_puts_the_gate_table_before_the_metric_rows() -> None:
+    check = {"rule": "max_es_fid", "metric": "es_fid_x/race", "value": 50.0, "threshold": 40.0, "passed": False}
+    metrics = {f"fid_x/slice{i}": float(i) for i in range(700)}
+    page = render_audit_page(make_lineage([check | {"detail": "d"}]), HISTORY, None, metrics)
+    headings = ["Fairness gate", "Promotion history", "Lineage", "Validation", "Metrics per subgroup"]
+    positions = [page.index(f"<h2>{h}") for h in headings]
+    assert positions == sorted(positions)
+    assert page.index("max_es_fid") < page.index("fid_x/slice0")
