@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for arm in ARMS:
             summaries = fairdiffusion_generations(str(arm_config(arm, regime, args)), args.generations, regime)
             rows += curve_rows(arm, regime, summaries)
+            partial = Path(args.out) / "generations.partial.json"  # what is done so far, if the run is cut short
+            partial.write_text(json.dumps({"rows": rows}, indent=2, default=str))
     worst = [worst_off(rows, arm, regime) for regime in REGIMES for arm in ARMS]
     out = Path(args.out)
     settings = {

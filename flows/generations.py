@@ -23,7 +23,13 @@ from fairdiffusion.registry.generations import (
 from flows.user_errors import log_user_errors_as_one_line
 from tasks.data import load_samples, version_base_model, version_data
 from tasks.evaluate import evaluate_candidate
-from tasks.generations import generate_training_images, judge_generation, open_generation_run, write_generation_data
+from tasks.generations import (
+    generate_training_images,
+    judge_generation,
+    open_generation_run,
+    plot_generations,
+    write_generation_data,
+)
 from tasks.tracking import close_tracking_run
 from tasks.train import train_candidate
 from tasks.validate import validate_data
@@ -60,6 +66,8 @@ def fairdiffusion_generations(
         summaries.append(summary)
         print(format_generations([summary]))
     print(format_generations(summaries))
+    for path in plot_generations(config, summaries):
+        print(f"curves: {path}")
     return summaries
 
 

@@ -11,6 +11,7 @@ from prefect import task
 
 from fairdiffusion.config import PipelineConfig
 from fairdiffusion.data.generations import SyntheticBatch, kept_real_rows, write_generation_dataset
+from fairdiffusion.evaluation.generation_curves import plot_generation_curves
 from fairdiffusion.registry import generations
 from fairdiffusion.registry.gate import GateDecision
 
@@ -66,3 +67,9 @@ def judge_generation(
 ) -> GateDecision:
     """The gate (MADness guard included) against generation 0, recorded on the run; nothing is registered."""
     return generations.judge_generation(config, run_id, metrics, generation0, extractor, synthetic_share)
+
+
+@task(name="plot_generations")
+def plot_generations(config: PipelineConfig, summaries: Sequence[generations.GenerationSummary]) -> list[Path]:
+    """Each group's FID, recall and diversity over the generations, as PNGs in ``generations.output_dir``."""
+    return plot_generation_curves(summaries, generations.SUMMARY_METRICS, Path(config.generations.output_dir))

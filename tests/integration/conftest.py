@@ -28,7 +28,7 @@ def prefect_harness() -> Iterator[str]:
     from prefect.testing.utilities import prefect_test_harness
 
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry calls (no network here)
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield str(PREFECT_API_URL.value())
 
 

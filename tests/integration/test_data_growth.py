@@ -55,7 +55,7 @@ def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

@@ -78,6 +78,8 @@ def test_two_generations_chain_runs_provenance_and_per_group_metrics(prefect_har
     assert second.parent_run_id == first.run_id and second.synthetic_share == pytest.approx(0.5)
     assert set(second.groups["race/Asian"]) == {"fid", "recall", "diversity"}
     assert first.madness_passed  # generation 0 trained on real data only: the guard does not apply
+    for metric in ("fid", "recall", "diversity"):  # each group's curves over the generations
+        assert (tmp_path / "generations" / f"generations_{metric}.png").stat().st_size > 0
 
     data = load_fairgenmed(tmp_path / "generations" / "generation-1" / "data", ["train", "val", "test"])
     synthetic = data[data["source"] == "synthetic"]

@@ -52,7 +52,7 @@ def prefect_harness():
 
     # The harness's server would otherwise try to record telemetry (no network here).
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 
