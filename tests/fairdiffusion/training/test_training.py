@@ -20,7 +20,7 @@ from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, TrainingConfig
 from fairdiffusion.data.fairgenmed import load_fairgenmed
 from fairdiffusion.errors import TrainingError
 from fairdiffusion.models.loading import load_pipeline
-from fairdiffusion.training import loop as training
+from fairdiffusion.training import losses
 from fairdiffusion.training.dataset import FundusPromptDataset, GlobalBatchSampler
 from fairdiffusion.training.loop import train_unet
 from fairdiffusion.training.results import TrainingResult
@@ -232,7 +232,7 @@ def test_nan_loss_stops_training(
     def nan_mse(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return torch.full_like(prediction, float("nan"))
 
-    monkeypatch.setattr(training, "F", SimpleNamespace(mse_loss=nan_mse))
+    monkeypatch.setattr(losses, "F", SimpleNamespace(mse_loss=nan_mse))
     with pytest.raises(TrainingError, match="training loss became nan at step 1"):
         train_unet(train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), config(tmp_path, "baseline"))
     assert not (tmp_path / "pipeline").exists()
@@ -244,7 +244,7 @@ def test_out_of_memory_names_the_settings_that_reduce_memory(
     def oom(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(training, "F", SimpleNamespace(mse_loss=oom))
+    monkeypatch.setattr(losses, "F", SimpleNamespace(mse_loss=oom))
     with pytest.raises(TrainingError, match="out of memory at step 1") as info:
         train_unet(train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), config(tmp_path, "baseline"))
     for setting in ("training.batch_size", "gradient_checkpointing", "mixed_precision", "lora_rank"):
