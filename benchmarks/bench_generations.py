@@ -82,7 +82,7 @@ def curve_rows(arm: str, regime: str, summaries: list[GenerationSummary]) -> lis
 
 
 def worst_off(rows: list[dict[str, object]], arm: str, regime: str) -> dict[str, object]:
-    """The group whose diversity ratio fell most (last generation over generation 0), and its recall's fall."""
+    """The group whose recall fell most (last generation over generation 0; ties: diversity), and both falls."""
     mine = [r for r in rows if r["arm"] == arm and r["regime"] == regime]
     last = max(int(r["generation"]) for r in mine)
 
@@ -92,7 +92,9 @@ def worst_off(rows: list[dict[str, object]], arm: str, regime: str) -> dict[str,
         return final / first if first else math.nan
 
     groups = sorted({r["group"] for r in mine}, key=str)
-    worst = min(groups, key=lambda g: (math.isnan(ratio(g, "diversity")), ratio(g, "diversity")))
+    # Recall, not diversity: an under-trained model's diversity ratio starts above 1, and its
+    # fall is then no loss; recall is what a collapsing group loses (measured, README).
+    worst = min(groups, key=lambda g: (math.isnan(ratio(g, "recall")), ratio(g, "recall"), ratio(g, "diversity")))
     return {
         "arm": arm,
         "regime": regime,
