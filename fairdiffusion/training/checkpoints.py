@@ -13,9 +13,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 from fairdiffusion.errors import TrainingError
 
@@ -25,9 +27,21 @@ if TYPE_CHECKING:
 #: The completion marker and the training position of a checkpoint.
 STATE_FILE = "training_state.json"
 #: Part of a run's identity, so that a checkpoint of another layout is refused by name.
-#: 2: the loop state, the FBP controller and the EMA are accelerate custom objects.
-CHECKPOINT_FORMAT = 2
+#: 3: the loop state, the FBP controller and the EMA are saved by this module in
+#: ``custom_state.pt`` and loaded with ``weights_only=True`` (2: as accelerate custom
+#: objects, which accelerate unpickles with ``weights_only=False``).
+CHECKPOINT_FORMAT = 3
+#: The states of the objects that accelerate does not own, in a file nothing unpickles.
+CUSTOM_STATE_FILE = "custom_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves besides accelerate's own state: the loop state, FBP, the EMA."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any, /) -> Any: ...
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -125,12 +139,18 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, position: dict[str, Any], keep: int) -> None:
+def save_checkpoint(
+    accelerator: Accelerator,
+    root: Path,
+    position: dict[str, Any],
+    keep: int,
+    objects: Sequence[Stateful] = (),
+) -> None:
     """Write the checkpoint of ``position["step"]`` on every process, then prune the old ones.
 
-    accelerate saves the model, optimiser, LR scheduler, gradient scaler and RNG states
-    and every object registered with ``accelerator.register_for_checkpointing``; the
-    position, written last, marks the checkpoint complete.
+    accelerate saves the model, optimiser, LR scheduler, gradient scaler and RNG states;
+    the main process saves ``objects``' state dicts (plain tensors and Python values) in
+    ``custom_state.pt``. The position, written last, marks the checkpoint complete.
     """
     step = int(position["step"])
     partial = root / f"checkpoint-{step}.partial"
@@ -140,18 +160,22 @@ def save_checkpoint(accelerator: Accelerator, root: Path, position: dict[str, An
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        torch.save([obj.state_dict() for obj in objects], partial / CUSTOM_STATE_FILE)
         commit_checkpoint(partial, position)
         prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path, identity: Mapping[str, object]) -> dict[str, Any]:
-    """Load a complete checkpoint of this run into ``accelerator`` and its registered objects.
+def load_checkpoint(
+    accelerator: Accelerator, folder: Path, identity: Mapping[str, object], objects: Sequence[Stateful] = ()
+) -> dict[str, Any]:
+    """Load a complete checkpoint of this run into ``accelerator`` and ``objects``.
 
     Args:
-        accelerator: Prepared, with the same objects registered as when it was saved.
+        accelerator: Prepared like the one that saved it.
         folder: A complete checkpoint (see :func:`find_resume_checkpoint`).
         identity: What the checkpoint's run must agree with (data, settings, format).
+        objects: The objects given to :func:`save_checkpoint`, in the same order.
 
     Returns:
         The checkpoint's position (``training_state.json``).
@@ -167,4 +191,8 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, identity: Mapping[st
             "set training.resume: null to start afresh (its checkpoints are then moved to checkpoints.previous)"
         )
     accelerator.load_state(str(folder))
+    # weights_only: tensors, containers and numbers only; a crafted file cannot run code.
+    states = torch.load(folder / CUSTOM_STATE_FILE, map_location="cpu", weights_only=True)
+    for obj, state in zip(objects, states, strict=True):
+        obj.load_state_dict(state)
     return position

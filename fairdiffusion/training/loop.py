@@ -91,10 +91,10 @@ class _Model:
 class _LoopState:
     """Where the loop is, and what it has reported.
 
-    Registered with ``accelerator.register_for_checkpointing``: accelerate saves and loads
-    it with the model, optimiser and RNG states. ``step`` and ``loss`` are not in its state
-    dict: they are the checkpoint's position in ``training_state.json``, which must be read
-    before ``accelerator.load_state`` (it marks the checkpoint complete and names its run).
+    Saved in every checkpoint beside accelerate's model, optimiser and RNG states.
+    ``step`` and ``loss`` are not in its state dict: they are the checkpoint's position
+    in ``training_state.json``, which must be read before ``accelerator.load_state`` (it
+    marks the checkpoint complete and names its run).
     """
 
     #: The loop's own generator, never the global one: a background GP fit forks the
@@ -700,13 +700,19 @@ def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_proc
 
 
 def _resume(
-    accelerator: Accelerator, config: TrainingConfig, identity: dict[str, object], state: _LoopState, root: Path
+    accelerator: Accelerator,
+    config: TrainingConfig,
+    identity: dict[str, object],
+    stateful: tuple[Any, ...],
+    root: Path,
 ) -> Path | None:
     """Loads the checkpoint ``training.resume`` names, if any; else sets an earlier run's checkpoints aside.
 
     ``accelerator.load_state`` restores the model, optimiser, LR scheduler, scaler and RNG
-    states and every object registered for checkpointing (loop state, FBP controller, EMA).
+    states; ``stateful`` (the loop state first, then the FBP controller and EMA) is loaded
+    from the checkpoint's own file.
     """
+    state = stateful[0]
     resume_from = find_resume_checkpoint(config.resume, root)
     main = accelerator.is_main_process
     if resume_from is None:
@@ -715,7 +721,7 @@ def _resume(
                 "starting afresh: the checkpoints of an earlier run in this output_dir are now in %s", previous
             )
         return None
-    position = load_checkpoint(accelerator, resume_from, identity)
+    position = load_checkpoint(accelerator, resume_from, identity, stateful)
     state.step, state.loss = int(position["step"]), float(position["loss"])
     if main:
         logger.info("resuming from %s at step %d", resume_from, state.step)
@@ -873,12 +879,12 @@ def train_unet(
     weigh = _loss_weigher(fbp, balance, config)
     mad = _make_mad(model, attributes, config)
     state = _LoopState(torch.Generator(accelerator.device).manual_seed(config.seed))
-    # accelerate saves and loads these with its own state, by position: the run identity
-    # (method, use_ema) guarantees a resumed run registers the same ones.
-    accelerator.register_for_checkpointing(state, *(o for o in (fbp, model.ema) if o is not None))
+    # Saved and loaded beside accelerate's state, by position: the run identity (method,
+    # use_ema) guarantees a resumed run has the same ones.
+    stateful = (state, *(o for o in (fbp, model.ema) if o is not None))
     checkpoint_root = Path(config.output_dir) / "checkpoints"
     identity = _run_identity(dataset, config, world)
-    resume_from = _resume(accelerator, config, identity, state, checkpoint_root)
+    resume_from = _resume(accelerator, config, identity, stateful, checkpoint_root)
     accelerator.wait_for_everyone()
     if model.ema is not None:
         model.ema.to(accelerator.device)
@@ -905,7 +911,7 @@ def train_unet(
             if _checkpoint_due(config, state.step):
                 with clock.aside("checkpoint"):
                     position = _checkpoint_position(state, config, batches_per_epoch, world, identity)
-                    save_checkpoint(accelerator, checkpoint_root, position, config.checkpoints_total_limit)
+                    save_checkpoint(accelerator, checkpoint_root, position, config.checkpoints_total_limit, stateful)
             if config.sampling.every is not None and state.step % config.sampling.every == 0:
                 with clock.aside("validation"):
                     if main:

@@ -484,7 +484,7 @@ def test_resume_refuses_an_incomplete_or_foreign_checkpoint(
         )
 
 
-def test_checkpoint_holds_the_loop_fbp_and_ema_state_as_accelerate_objects(
+def test_checkpoint_holds_the_loop_fbp_and_ema_state_in_a_file_nothing_unpickles(
     train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path
 ) -> None:
     train_unet(
@@ -495,11 +495,12 @@ def test_checkpoint_holds_the_loop_fbp_and_ema_state_as_accelerate_objects(
     )
     folder = tmp_path / "checkpoints" / "checkpoint-1"
     names = {p.name for p in folder.iterdir()}
-    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"} <= names
-    assert "fairdiffusion_state.pt" not in names  # no hand-written state beside accelerate's
-    loop_state, fbp_state = (torch.load(folder / f"custom_checkpoint_{i}.pkl", weights_only=False) for i in (0, 1))
+    assert "custom_state.pt" in names
+    assert not any(name.startswith("custom_checkpoint_") for name in names)  # accelerate unpickles those
+    loop_state, fbp_state, ema_state = torch.load(folder / "custom_state.pt", weights_only=True)
     assert set(loop_state) == {"noise_generator", "windows", "warned", "history", "interval"}
     assert fbp_state["step"] == 1
+    assert "shadow_params" in ema_state
 
 
 def test_a_callers_accelerate_set_up_is_never_reset(
