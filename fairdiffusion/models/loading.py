@@ -10,6 +10,8 @@ random weights, built in memory, so throughput can be measured without a downloa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +22,9 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from fairdiffusion.config import ModelConfig
 from fairdiffusion.errors import ConfigError
@@ -60,14 +64,33 @@ def resolve_pretrained(pretrained: str, tiny_dir: str | Path, allow_download: bo
     return pretrained
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No loading bars from diffusers and transformers inside the block (restored after).
+
+    Their "Loading pipeline components" and "Loading weights" bars take well under a
+    second here and land as noise in Prefect and CI logs; nothing a user can act on.
+    """
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in bars:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(source: str, allow_download: bool = False) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline with ``from_pretrained`` (the production path)."""
-    return StableDiffusionPipeline.from_pretrained(
-        source,
-        safety_checker=None,
-        requires_safety_checker=False,
-        local_files_only=not allow_download,
-    )
+    with quiet_loading():
+        return StableDiffusionPipeline.from_pretrained(
+            source,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=not allow_download,
+        )
 
 
 def load_training_components(
@@ -81,11 +104,12 @@ def load_training_components(
     if source in SD_PRESETS:
         return build_preset_components(source, seed=seed, device=device)
     kwargs = {"local_files_only": not allow_download}
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    with quiet_loading():
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     return ModelComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 

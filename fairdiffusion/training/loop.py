@@ -892,7 +892,10 @@ def train_unet(
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     buffer, clock = _StepBuffer(), _Clock()
-    progress = tqdm(total=config.max_steps, initial=state.step, disable=not main, desc="training", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (Prefect logs, CI), and none off the main process.
+    progress = tqdm(
+        total=config.max_steps, initial=state.step, disable=None if main else True, desc="training", dynamic_ncols=True
+    )
     warn = partial(_warn_fbp, progress) if main else None
     try:
         for global_groups, batch in _micro_batches(dataset, config, accelerator, state.step, balance):
