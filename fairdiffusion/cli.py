@@ -20,13 +20,14 @@ import typer
 
 from fairdiffusion.config import PipelineConfig, TrackingConfig, config_to_dict, load_config, parse_config
 from fairdiffusion.errors import FairDiffusionError, GateRejected
+from fairdiffusion.models.notices import settle_image_processor_fallbacks
 from fairdiffusion.registry import schema
 
 if TYPE_CHECKING:
     from fairdiffusion.registry.lineage import PromotionOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, compare and publish datasets.")
 app.add_typer(data_app, name="data")
 base_app = typer.Typer(no_args_is_help=True, help="The base model the demo fine-tunes.")
 app.add_typer(base_app, name="base")
@@ -79,6 +80,7 @@ def _run_pipeline(config: Path, force: bool = False, as_json: bool = False) -> N
 
 def _pipeline_outcome(config: Path, force: bool) -> PromotionOutcome:
     """The flow's outcome; a rejected gate ends the flow ``Rejected`` and its error carries the outcome."""
+    settle_image_processor_fallbacks()  # before diffusers is imported
     from flows.pipeline import fairdiffusion_pipeline
 
     try:
@@ -169,6 +171,7 @@ def generations(
     if regime not in REGIMES:
         raise typer.BadParameter(f"'{regime}': one of {', '.join(REGIMES)}", param_hint="--regime")
     load_config(config)  # fail on a bad config before Prefect starts
+    settle_image_processor_fallbacks()  # before diffusers is imported
     from flows.generations import fairdiffusion_generations
 
     summaries = fairdiffusion_generations(config_path=str(config), generations=count, regime=regime)
@@ -269,6 +272,70 @@ def data_diff(
     typer.echo(json.dumps(diff.to_dict(), indent=2) if as_json else diff.render())
 
 
+@data_app.command("publish")
+def data_publish(
+    data_dir: Path | None = typer.Argument(None, help="Dataset folder (default: the config's data.path)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Config naming data.path, data.dvc_file and the validation (default: library's)."
+    ),
+    message: str | None = typer.Option(None, "--message", "-m", help="Commit message (default names both md5s)."),
+    no_push: bool = typer.Option(
+        False, "--no-push", help="Commit without `dvc push` (a worker elsewhere cannot pull)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the publication and the event's delivery as JSON."),
+) -> None:
+    """Version changed data (validate, dvc commit, dvc push, git commit of the .dvc) and send the event.
+
+    The event `fairdiffusion.data.published` goes to PREFECT_API_URL, where the weekly-retraining
+    deployment's trigger starts a run on the new version; without PREFECT_API_URL no event is sent.
+
+    Exit status: 0 published, or nothing changed (nothing done, no event); 1 not a DVC-tracked dataset,
+    a failed validation, DVC or git failed, or the event could not be sent (the data is published then).
+    """
+    from fairdiffusion.data.versioning import publish_data
+    from fairdiffusion.validation.run import run_validation
+
+    base = _config_or_default(config)
+    cfg = _data_section(base, data_dir, None) if data_dir is not None else base
+    dvc_file = cfg.data.dvc_file if data_dir is None else None  # a named folder's pointer is <folder>.dvc
+
+    def validate() -> None:
+        result = run_validation(cfg.data, cfg.validation)
+        if not result.success:
+            typer.echo(result.summary(), err=True)
+            raise FairDiffusionError(f"{cfg.data.path} fails validation: nothing published")
+
+    publication = publish_data(cfg.data.path, dvc_file, message=message, push=not no_push, check=validate)
+    delivery = None
+    if publication.published:
+        from flows.events import send_data_published
+
+        delivery = send_data_published(publication)
+    if as_json:
+        typer.echo(json.dumps({**publication.to_dict(), "event": delivery and delivery.to_dict()}, indent=2))
+    elif not publication.published:
+        typer.echo(
+            f"Nothing to publish: {publication.dataset} matches {Path(publication.dvc_file).name} as committed "
+            f"in {publication.commit} (md5 {publication.dvc_md5}); no event sent"
+        )
+    else:
+        typer.echo(f"Published      : {publication.dataset} md5 {publication.dvc_md5} (was {publication.previous_md5})")
+        typer.echo(f"Committed      : {Path(publication.dvc_file).name} in {publication.commit}")
+        pushed = "to the DVC remote" if publication.pushed else "no (--no-push): `dvc push` before a worker pulls it"
+        typer.echo(f"Pushed         : {pushed}")
+    if delivery is None:
+        return
+    if not delivery.sent and delivery.api_url is not None:
+        raise FairDiffusionError(
+            f"data published (commit {publication.commit}), but the event {delivery.event} did not reach "
+            f"{delivery.api_url} ({delivery.reason}); start the run by hand: prefect deployment run "
+            f"fairdiffusion-pipeline/weekly-retraining --param data_md5={publication.dvc_md5}"
+        )
+    if not as_json:
+        sent = f"sent to {delivery.api_url}" if delivery.sent else f"not sent ({delivery.reason})"
+        typer.echo(f"Event          : {delivery.event} {sent}")
+
+
 def _print_table(lineage: dict[str, object], prefix: str = "") -> None:
     for key, value in lineage.items():
         if isinstance(value, dict) and key != "config":
@@ -313,6 +380,7 @@ def base_build(
 
     Takes about 20 minutes on 2 CPU cores; `make base` also versions it (dvc add + push).
     """
+    settle_image_processor_fallbacks()  # before diffusers is imported
     from fairdiffusion.models.base import BaseBuildSpec, build_base_bundle
 
     result = build_base_bundle(out, BaseBuildSpec(seed=seed), progress=typer.echo)

@@ -6,9 +6,10 @@ remote comes from the repo's DVC config, so a local folder, S3 or any other remo
 works by configuration alone. Reading an old version's files goes through DVC's
 documented Python API (``dvc.api.DVCFileSystem``), which reads the cache or the remote.
 
-Growing the data: add subjects to the folder, ``dvc add`` it, commit the ``.dvc`` file
-(and ``dvc push``). :func:`diff_data_versions` summarises what changed between two such
-commits.
+Growing the data: add subjects to the folder, then :func:`publish_data` (``fairdiffusion
+data publish``) records the new version in its ``.dvc`` file, pushes it to the DVC remote
+and commits the ``.dvc`` file. :func:`diff_data_versions` summarises what changed between
+two such commits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -167,6 +169,156 @@ def verify_data(dvc_file: str | Path, allow_missing: bool = False) -> None:
         )
 
 
+def require_data_md5(version: DataVersion, expected_md5: str) -> None:
+    """Refuse to go on unless the checkout records the data version a run was started for.
+
+    A run started by a ``fairdiffusion.data.published`` event names the md5 that was
+    published; the worker's checkout must record that same version.
+
+    Raises:
+        DataVersionError: naming both versions and the likely causes.
+    """
+    if version.dvc_md5 != expected_md5:
+        raise DataVersionError(
+            f"this run was started for data md5 {expected_md5}, but {version.dvc_file} records "
+            f"{version.dvc_md5} (commit {version.data_dvc_commit or 'none'}): the worker's checkout lacks the "
+            "published commit (git pull there), or a newer version was published since (its own run follows)"
+        )
+
+
+@dataclass(frozen=True)
+class DataPublication:
+    """What :func:`publish_data` did: the version the ``.dvc`` file records now, and its commit."""
+
+    #: False when the folder already matched its committed version: nothing was recorded, pushed or committed.
+    published: bool
+    dvc_md5: str
+    #: The md5 the ``.dvc`` file recorded at ``HEAD`` before (None if it was not committed yet).
+    previous_md5: str | None
+    #: The dataset folder relative to the repository root (posix), e.g. ``data``.
+    dataset: str
+    data_path: str
+    dvc_file: str
+    #: The commit that records ``dvc_md5``: the new one, or the existing one when nothing changed.
+    commit: str | None
+    pushed: bool
+    nfiles: int | None = None
+    size: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+
+def _committed_md5(repo: Path, pointer: str) -> str | None:
+    done = subprocess.run(["git", "show", f"HEAD:{pointer}"], cwd=repo, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return None
+    try:
+        return str((yaml.safe_load(done.stdout) or {})["outs"][0]["md5"])
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _tracked_pointer(data_dir: Path, dvc_file: Path) -> DataVersion:
+    """The version ``dvc_file`` records, after checking that it is the pointer of ``data_dir``."""
+    if not data_dir.is_dir():
+        raise DataVersionError(f"{data_dir}: no such dataset folder")
+    if not dvc_file.is_file():
+        raise DataVersionError(
+            f"{data_dir} is not a DVC-tracked dataset ({dvc_file} not found); version it once by hand: "
+            f"dvc add {data_dir.name} && git add {data_dir.name}.dvc .gitignore && git commit"
+        )
+    version = resolve_data_version(dvc_file)
+    if (dvc_file.parent / version.path).resolve() != data_dir:
+        raise DataVersionError(f"{dvc_file} tracks {dvc_file.parent / version.path}, not {data_dir}")
+    return version
+
+
+def _run_or_raise(done: subprocess.CompletedProcess[str], what: str, consequence: str) -> None:
+    if done.returncode != 0:
+        detail = " ".join((done.stderr or done.stdout).split())[-1000:]
+        raise DataVersionError(f"{what} failed ({detail}); {consequence}")
+
+
+def publish_data(
+    data_dir: str | Path,
+    dvc_file: str | Path | None = None,
+    message: str | None = None,
+    push: bool = True,
+    check: Callable[[], None] | None = None,
+) -> DataPublication:
+    """Make a dataset folder's working copy a data version: ``dvc commit``, ``dvc push``, ``git commit``.
+
+    ``dvc commit`` records the folder in its existing ``.dvc`` file and the cache (what a
+    second ``dvc add`` does, whatever the pointer is named); the push comes before the git
+    commit, so a commit never names data the remote lacks. Only the ``.dvc`` file and the
+    ``.gitignore`` beside it are committed; anything else staged stays staged.
+
+    Args:
+        data_dir: The dataset folder, already tracked by DVC.
+        dvc_file: Its pointer file (default: ``<data_dir>.dvc`` beside it).
+        message: The commit message (default: names the dataset and both md5s).
+        push: ``dvc push`` the new version to the repository's default DVC remote.
+        check: Called once the folder is known to differ from its committed version and
+            before anything is recorded; raise to refuse the publication (e.g. on a failed validation).
+
+    Returns:
+        The publication; ``published`` is False when the folder matched its committed version.
+
+    Raises:
+        DataVersionError: if the folder is not a DVC-tracked dataset in a git repository, or
+            DVC or git fail (with their explanation and what state they left).
+    """
+    data_dir = Path(data_dir).resolve()
+    dvc_file = Path(dvc_file).resolve() if dvc_file is not None else data_dir.with_name(data_dir.name + ".dvc")
+    recorded = _tracked_pointer(data_dir, dvc_file)
+    repo = _toplevel(dvc_file.parent)
+    pointer = dvc_file.relative_to(repo).as_posix()
+    previous = _committed_md5(repo, pointer)
+    changes = _dvc_changes(dvc_file)
+    if check is not None and (changes or recorded.dvc_md5 != previous):
+        check()
+    if changes:
+        done = _dvc(["commit", "--force", "--quiet", dvc_file.name], cwd=dvc_file.parent)
+        _run_or_raise(done, f"dvc commit {dvc_file.name}", "nothing was recorded")
+    version = resolve_data_version(dvc_file)
+    dataset = data_dir.relative_to(repo).as_posix()
+    unchanged = version.dvc_md5 == previous
+
+    def result(published: bool, commit: str | None, pushed: bool) -> DataPublication:
+        return DataPublication(
+            published=published,
+            dvc_md5=version.dvc_md5,
+            previous_md5=previous,
+            dataset=dataset,
+            data_path=str(data_dir),
+            dvc_file=str(dvc_file),
+            commit=commit,
+            pushed=pushed,
+            nfiles=version.nfiles,
+            size=version.size,
+        )
+
+    if unchanged:
+        return result(False, version.data_dvc_commit, False)
+    if push:
+        done = _dvc(["push", "--quiet", dvc_file.name], cwd=dvc_file.parent)
+        _run_or_raise(
+            done,
+            f"dvc push {dvc_file.name}",
+            f"{dvc_file.name} records md5 {version.dvc_md5} but is not committed; fix the remote and publish again",
+        )
+    paths = [pointer] + (
+        [f"{PurePosixPath(pointer).parent / '.gitignore'}"] if (dvc_file.parent / ".gitignore").is_file() else []
+    )
+    text = message or f"data: publish {dataset} (md5 {version.dvc_md5}, was {previous or 'uncommitted'})"
+    for args in (["add", "--", *paths], ["commit", "--quiet", "-m", text, "--", *paths]):
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+        _run_or_raise(done, f"git {args[0]}", f"{pointer} records md5 {version.dvc_md5} but is not committed")
+    return result(True, _git(["rev-parse", "HEAD"], cwd=repo), push)
+
+
 def resolve_code_version(path: str | Path) -> CodeVersion:
     """The git commit checked out at ``path`` and whether tracked files have changes."""
     path = Path(path)
@@ -180,7 +332,7 @@ def resolve_code_version(path: str | Path) -> CodeVersion:
 def _toplevel(path: Path) -> Path:
     top = _git(["rev-parse", "--show-toplevel"], cwd=path)
     if not top:
-        raise DataVersionError(f"{path}: not inside a git repository (data diff compares git revisions)")
+        raise DataVersionError(f"{path}: not inside a git repository (a data version is a git commit of its .dvc file)")
     return Path(top)
 
 

@@ -17,7 +17,8 @@ Each table below is judged by its own suite, so a failure names exactly what bro
   now; a move above the configured amount needs an acknowledgement in the config.
 
 Every failed expectation is reported with a bounded sample of offending rows. With a
-``docs_dir``, the run also writes Great Expectations Data Docs (HTML) there.
+``docs_dir``, the run also writes Great Expectations Data Docs (HTML) there, readable
+offline (``offline_docs``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fairdiffusion.data.counts import count_classes, count_groups
 from fairdiffusion.data.fairgenmed import SCHEMA as FAIRGENMED_SCHEMA
 from fairdiffusion.data.table import COMMON_COLUMNS, SOURCES, SampleSchema, describe_exclusions
 from fairdiffusion.validation.integrity import inspect_images
+from fairdiffusion.validation.offline_docs import make_docs_offline
 from fairdiffusion.validation.result import FailedExpectation, ReferenceCounts, ShareShift, ValidationResult
 
 #: How many offending rows a failure message names at most.
@@ -308,6 +310,7 @@ class _Suites:
         if self.docs_dir is None:
             return None
         self.context.build_data_docs()
+        make_docs_offline(self.docs_dir)
         return str(self.docs_dir)
 
 
