@@ -8,7 +8,10 @@ public releases' layouts (file names, columns, value codes) with made-up rows.
 from __future__ import annotations
 
 import csv
+import fcntl
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,29 @@ DEMO_MIN_GROUP = 4
 #: train+val race Asian 5 / Black 14 / White 31, Female 25 / Male 25, Non-Hispanic 43 / Hispanic 7;
 #: test race Asian 4 / Black 5 / White 21, Female 15 / Male 15, Non-Hispanic 21 / Hispanic 9.
 VALID_SPEC = DemoDatasetSpec(train=40, val=10, test=30, image_size=32, seed=25)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def pulled_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``dvc pull`` the demo data and base model into this checkout, as ``make demo`` does; yields its root.
+
+    Pulled under a file lock in the folder every pytest-xdist worker's temporary folder
+    sits in: two workers pulling into one repo at once would fail on DVC's own lock.
+    """
+    lock_path = tmp_path_factory.getbasetemp().parent / "dvc-pull.lock"
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "dvc"), "pull", "-q", "data.dvc", "base-model.dvc"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    assert done.returncode == 0, done.stderr
+    return REPO
 
 
 @pytest.fixture(scope="session")

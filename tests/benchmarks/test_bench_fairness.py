@@ -7,23 +7,18 @@ quick mode trains 4 steps, far too few for the comparison to mean anything.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.usefixtures("pulled_checkout")  # the demo data and base model, pulled (conftest.py)
 def test_quick_run_writes_every_arm_with_paired_intervals_and_plots(tmp_path: Path) -> None:
-    pulled = subprocess.run(
-        [str(BIN / "dvc"), "pull", "-q", "data.dvc", "base-model.dvc"], cwd=REPO, capture_output=True, text=True
-    )
-    assert pulled.returncode == 0, pulled.stderr
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import bench_fairness

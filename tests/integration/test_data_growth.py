@@ -51,15 +51,6 @@ def _commit(repo: Path, message: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=300):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A git repo with the data under DVC (pushed to a local remote) and a fast pipeline config."""
     root = tmp_path_factory.mktemp("growth")

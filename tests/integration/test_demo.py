@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,20 +21,13 @@ from fairdiffusion.evaluation.generation import generate_images
 from fairdiffusion.evaluation.reference import noise_ratio
 from fairdiffusion.registry.promotion import read_lineage
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pulled() -> Path:
-    """``dvc pull`` the demo data and base model into the checkout, as ``make demo`` does."""
-    done = subprocess.run(
-        [str(BIN / "dvc"), "pull", "-q", "data.dvc", "base-model.dvc"], cwd=REPO, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return REPO
+def pulled(pulled_checkout: Path) -> Path:
+    """The checkout with the demo data and base model pulled (``conftest.py``), as ``make demo`` does."""
+    return pulled_checkout
 
 
 def test_the_base_model_draws_images_far_closer_to_the_real_ones_than_noise(pulled: Path) -> None:
@@ -48,7 +39,10 @@ def test_the_base_model_draws_images_far_closer_to_the_real_ones_than_noise(pull
     assert noise_ratio(real, made.images) < 0.15
 
 
-def test_a_one_step_candidate_is_rejected_by_the_reference_rule(pulled: Path, tmp_path: Path) -> None:
+def test_a_one_step_candidate_is_rejected_by_the_reference_rule(
+    prefect_harness: str, pulled: Path, tmp_path: Path
+) -> None:
+    # The session's Prefect server: without one, the flow would start an ephemeral server of its own.
     from flows.pipeline import fairdiffusion_pipeline
 
     document = yaml.safe_load((pulled / "configs" / "demo.yaml").read_text())

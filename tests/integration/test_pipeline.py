@@ -47,16 +47,6 @@ def _commit(repo: Path, message: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    # The harness's server would otherwise try to record telemetry (no network here).
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=300):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A git repo whose data is tracked by DVC and pushed to a local remote, then removed."""
     root = tmp_path_factory.mktemp("project")
