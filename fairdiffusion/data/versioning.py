@@ -211,12 +211,10 @@ class DataPublication:
 
 
 def _committed_md5(repo: Path, pointer: str) -> str | None:
-    done = subprocess.run(["git", "show", f"HEAD:{pointer}"], cwd=repo, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return None
+    """The md5 the committed pointer records; ``None`` when it is not committed (or not a pointer)."""
     try:
-        return str((yaml.safe_load(done.stdout) or {})["outs"][0]["md5"])
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return str(_dvc_out_at(repo, pointer, "HEAD")["md5"])
+    except DataVersionError:
         return None
 
 
