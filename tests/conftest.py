@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,52 @@ VALID_SPEC = DemoDatasetSpec(train=40, val=10, test=30, image_size=32, seed=25)
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores for torch's thread pools.
+
+    Each worker's torch would otherwise start as many threads as there are cores, and ``make
+    test``'s two workers would run four busy threads on two cores. Set before torch loads (the
+    worker has not imported it yet), so subprocesses such as ``torchrun`` inherit it too.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, str(share))
+
+
+class _LiveStderr:
+    """Writes to whatever ``sys.stderr`` is at the moment of writing."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(sys.stderr, name)
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_a_live_stream() -> None:
+    """Point the console handlers of logging at ``sys.stderr`` as it is at each write.
+
+    Prefect, transformers and diffusers each create a stream handler the first time they log,
+    keeping the ``sys.stderr`` of that moment. When that moment falls in a test that captures
+    output (``capsys``, ``capfd``, or a pytest-xdist worker's capture), pytest later closes the
+    stream, and every later log line of that library fails with "I/O operation on closed file".
+    Which test comes first depends on the order, so this runs before every test.
+    """
+    live = _LiveStderr()
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler or hasattr(handler, "console"):
+                handler.stream = live  # not setStream: it would flush a closed stream first
+            if hasattr(handler, "console"):  # Prefect's handler prints through a rich console
+                handler.console.file = live
 
 
 @pytest.fixture(scope="session")

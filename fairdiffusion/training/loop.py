@@ -237,6 +237,16 @@ def _make_accelerator(config: TrainingConfig) -> Accelerator:
         ) from None
 
 
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Casts a loaded component to ``dtype`` unless it already is in it.
+
+    diffusers' ``ModelMixin.to`` warns "should be kept in float32: []" whenever a dtype is
+    passed, even a no-op one with no such modules, so a float32 run on the CPU passes none.
+    """
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
 def _prepare_unet(unet: torch.nn.Module, config: TrainingConfig, dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Adds LoRA adapters or not, turns on checkpointing; returns the trainable parameters."""
     if config.lora_rank is not None:
@@ -245,7 +255,7 @@ def _prepare_unet(unet: torch.nn.Module, config: TrainingConfig, dtype: torch.dt
         # As diffusers' train_text_to_image_lora.py: the frozen base in the mixed
         # precision dtype, adapters on the attention projections, trained in fp32.
         unet.requires_grad_(False)
-        unet.to(dtype=dtype)
+        _cast(unet, dtype)
         unet.add_adapter(  # type: ignore[operator]
             LoraConfig(
                 r=config.lora_rank,
@@ -273,7 +283,8 @@ def _build_model(pretrained: str, allow_download: bool, config: TrainingConfig, 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (components.vae, components.text_encoder):
         frozen.requires_grad_(False)
-        frozen.to(accelerator.device, dtype=dtype)
+        _cast(frozen, dtype)
+        frozen.to(accelerator.device)
     components.unet.to(accelerator.device)
     trainable = _prepare_unet(components.unet, config, dtype)
     ema = None
