@@ -53,6 +53,17 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(variable, str(share))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with ``slow`` tests first, each file's tests in their own order.
+
+    ``make test`` hands whole files to pytest-xdist workers in collection order; a slow file
+    collected last (the integration tests sort after the unit tests) keeps one worker busy
+    for minutes after the other has finished.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file and test order kept
+
+
 class _LiveStderr:
     """Writes to whatever ``sys.stderr`` is at the moment of writing."""
 
