@@ -4,7 +4,8 @@
 ``weekly-retraining`` deployment through its trigger in ``prefect.yaml``;
 ``fairdiffusion.model.awaiting-approval`` (emitted by the flow) tells whoever listens
 (an automation, a notification) that a version passed the gate and waits for
-``fairdiffusion approve``. The library never imports Prefect: the CLI imports this module
+``fairdiffusion approve``, and ``fairdiffusion.model.approved`` (sent by that command) that
+a person promoted it. The library never imports Prefect: the CLI imports this module
 inside its command, as it imports the flow.
 """
 
@@ -20,9 +21,11 @@ from prefect.settings import PREFECT_API_URL
 from fairdiffusion.data.versioning import DataPublication
 from fairdiffusion.registry import schema
 from fairdiffusion.registry.lineage import PromotionOutcome
+from fairdiffusion.registry.promotion import DecisionRecord
 
 DATA_PUBLISHED = "fairdiffusion.data.published"
 MODEL_AWAITING_APPROVAL = "fairdiffusion.model.awaiting-approval"
+MODEL_APPROVED = "fairdiffusion.model.approved"
 
 #: Resource ids: ``fairdiffusion.data.<dataset folder relative to the repository root>``
 #: (the trigger in prefect.yaml matches ``fairdiffusion.data.data``) and
@@ -38,6 +41,7 @@ COMMIT = "fairdiffusion.commit"
 MODEL_NAME = "fairdiffusion.model.name"
 MODEL_VERSION = "fairdiffusion.model.version"
 MLFLOW_RUN_ID = "fairdiffusion.mlflow.run-id"
+APPROVER = "fairdiffusion.approver"
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,30 @@ def data_published_resource(publication: DataPublication) -> dict[str, str]:
 
 
 def send_data_published(publication: DataPublication) -> EventDelivery:
-    """Send ``fairdiffusion.data.published`` to the server PREFECT_API_URL names, and wait until it has it.
+    """Send ``fairdiffusion.data.published`` to the server PREFECT_API_URL names (see :func:`_send`)."""
+    return _send(
+        Event(event=DATA_PUBLISHED, resource=data_published_resource(publication), payload=publication.to_dict())
+    )
+
+
+def model_resource(model_name: str, version: str) -> dict[str, str]:
+    """The resource of the ``fairdiffusion.model.*`` events: one registered model version."""
+    return {
+        "prefect.resource.id": f"{MODEL_RESOURCE_PREFIX}{model_name}.{version}",
+        "prefect.resource.name": f"{model_name} v{version}",
+        MODEL_NAME: model_name,
+        MODEL_VERSION: version,
+    }
+
+
+def send_model_approved(record: DecisionRecord) -> EventDelivery:
+    """Send ``fairdiffusion.model.approved`` for the approval ``record`` (see :func:`_send`)."""
+    resource = model_resource(record.model, record.version) | {APPROVER: record.actor}
+    return _send(Event(event=MODEL_APPROVED, resource=resource, payload=record.to_dict()))
+
+
+def _send(event: Event) -> EventDelivery:
+    """Send ``event`` to the server PREFECT_API_URL names, and wait until it has it.
 
     Sent directly, not through ``emit_event``'s background worker: the CLI must know
     that the event arrived before it says so, and with no API URL ``emit_event`` would
@@ -77,8 +104,7 @@ def send_data_published(publication: DataPublication) -> EventDelivery:
     """
     api_url = PREFECT_API_URL.value()
     if not api_url:
-        return EventDelivery(DATA_PUBLISHED, sent=False, api_url=None, reason="PREFECT_API_URL is not set")
-    event = Event(event=DATA_PUBLISHED, resource=data_published_resource(publication), payload=publication.to_dict())
+        return EventDelivery(event.event, sent=False, api_url=None, reason="PREFECT_API_URL is not set")
 
     async def send() -> None:
         # The client waits for the server's answer to a ping after each event (its checkpoint).
@@ -88,8 +114,8 @@ def send_data_published(publication: DataPublication) -> EventDelivery:
     try:
         asyncio.run(send())
     except Exception as error:  # noqa: BLE001 - websockets, OS and HTTP errors: the message is what matters
-        return EventDelivery(DATA_PUBLISHED, sent=False, api_url=api_url, reason=f"{type(error).__name__}: {error}")
-    return EventDelivery(DATA_PUBLISHED, sent=True, api_url=api_url, event_id=str(event.id))
+        return EventDelivery(event.event, sent=False, api_url=api_url, reason=f"{type(error).__name__}: {error}")
+    return EventDelivery(event.event, sent=True, api_url=api_url, event_id=str(event.id))
 
 
 def emit_awaiting_approval(outcome: PromotionOutcome) -> None:
@@ -101,13 +127,7 @@ def emit_awaiting_approval(outcome: PromotionOutcome) -> None:
         return
     emit_event(
         event=MODEL_AWAITING_APPROVAL,
-        resource={
-            "prefect.resource.id": f"{MODEL_RESOURCE_PREFIX}{outcome.model_name}.{outcome.version}",
-            "prefect.resource.name": f"{outcome.model_name} v{outcome.version}",
-            MODEL_NAME: outcome.model_name,
-            MODEL_VERSION: outcome.version,
-            MLFLOW_RUN_ID: outcome.run_id,
-        },
+        resource=model_resource(outcome.model_name, outcome.version) | {MLFLOW_RUN_ID: outcome.run_id},
         payload={
             "reasons": outcome.reasons,
             "compared_with_version": outcome.compared_with_version,

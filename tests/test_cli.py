@@ -448,10 +448,15 @@ def test_approve_json_prints_the_decision_record(call_main, monkeypatch, tmp_pat
 
     def fake_approve(tracking, version: str, reason: str, actor: str) -> SimpleNamespace:
         seen.append((tracking.model_name, version, reason, actor))
-        return SimpleNamespace(version="2", champion_before="1", to_dict=lambda: record)
+        return SimpleNamespace(
+            model="fairdiffusion", version="2", actor="alice", champion_before="1", to_dict=lambda: record
+        )
 
     monkeypatch.setattr(promotion, "approve_version", fake_approve)
     monkeypatch.chdir(tmp_path)
     code, out, err = call_main("approve", "--version", "2", "--reason", "ok", "--approver", "alice", "--json")
     assert code == 0, err
-    assert json.loads(out) == record and seen == [("fairdiffusion", "2", "ok", "alice")]
+    printed = json.loads(out)
+    # The approval event (its delivery is tested against a real server in test_data_trigger.py).
+    assert printed.pop("event")["event"] == "fairdiffusion.model.approved"
+    assert printed == record and seen == [("fairdiffusion", "2", "ok", "alice")]

@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -122,7 +123,11 @@ def log_model(tracking: TrackingConfig, run_id: str, model_dir: str | Path) -> t
     previous, env_before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
     try:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # No input example on purpose: MLflow would load the pipeline and generate
+            # images from it while logging. The signature is explicit, so its warning that
+            # an example helps infer one does not apply.
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             info = mlflow.pyfunc.log_model(
                 name=schema.MODEL_ARTIFACT,
                 # A file path: models-from-code, so loading the model runs that file, never unpickles.

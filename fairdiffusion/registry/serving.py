@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 PIPELINE_ARTIFACT = "pipeline"
@@ -36,9 +37,11 @@ class FairDiffusionPyfunc(PythonModel):
         self.pipeline = load_pipeline(context.artifacts[PIPELINE_ARTIFACT])
         self.pipeline.set_progress_bar_config(disable=True)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         """Images for ``model_input["prompt"]``; params: steps, guidance, seed, size."""
-        # Untyped on purpose: MLflow would try (and fail) to derive a signature from hints.
+        # `pd.DataFrame` is a hint MLflow derives no schema from: the explicit signature
+        # (model_signature) stands. Unhinted, MLflow warns on every load to add hints; other
+        # hints (list[str]) would make it wrap predict with its own input conversion.
         import torch
 
         settings = DEFAULT_PARAMS | (params or {})

@@ -238,12 +238,12 @@ def _make_accelerator(config: TrainingConfig) -> Accelerator:
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Casts a loaded component to ``dtype`` unless it already is in it.
+    """Casts a component to ``dtype`` (in place) unless all its parameters already are.
 
     diffusers' ``ModelMixin.to`` warns "should be kept in float32: []" whenever a dtype is
     passed, even a no-op one with no such modules, so a float32 run on the CPU passes none.
     """
-    if next(module.parameters()).dtype != dtype:
+    if any(parameter.dtype != dtype for parameter in module.parameters()):
         module.to(dtype=dtype)
 
 
@@ -770,7 +770,7 @@ def _save_pipeline(
     """Saves the pipeline (float32, safetensors); with LoRA also the adapters alone. Returns their folder."""
     tokenizer, text_encoder, vae, _, noise_scheduler = components
     lora_dir = None
-    unet = unet.to(torch.float32)
+    _cast(unet, torch.float32)
     if config.lora_rank is not None:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers

@@ -38,7 +38,14 @@ from mlflow import MlflowClient
 from fairdiffusion.data.demo import demo_subjects
 from fairdiffusion.data.fairgenmed import add_subjects
 from fairdiffusion.registry import schema
-from flows.events import DATA_MD5, DATA_PUBLISHED, MODEL_AWAITING_APPROVAL, MODEL_VERSION
+from flows.events import (
+    APPROVER,
+    DATA_MD5,
+    DATA_PUBLISHED,
+    MODEL_APPROVED,
+    MODEL_AWAITING_APPROVAL,
+    MODEL_VERSION,
+)
 from flows.states import AWAITING_APPROVAL
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -169,7 +176,9 @@ def test_publishing_data_starts_the_deployment_which_trains_on_it(
     (production's ``require_approval``), its ``data_md5`` parameter is the published md5,
     the registered version's data md5 is that md5, and the server holds one
     ``fairdiffusion.data.published`` and one ``fairdiffusion.model.awaiting-approval`` event
-    (related to the flow run). Phase timings are printed (``-s``).
+    (related to the flow run); then ``fairdiffusion approve`` sends one
+    ``fairdiffusion.model.approved`` naming the version and the approver. Phase timings are
+    printed (``-s``).
     """
     clock = {"start": time.monotonic()}
     logs = tmp_path / "logs"
@@ -229,6 +238,18 @@ def test_publishing_data_starts_the_deployment_which_trains_on_it(
         assert awaiting["resource"][MODEL_VERSION] == str(version.version)
         assert f"prefect.flow-run.{flow_run['id']}" in {r["prefect.resource.id"] for r in awaiting["related"]}
         assert [e["resource"][DATA_MD5] for e in _events(api, DATA_PUBLISHED)] == [md5]
+
+        # A person approves it; the command tells the server too.
+        approved = subprocess.run(
+            [str(BIN / "fairdiffusion"), "approve", "--version", str(version.version), "--reason", "grids reviewed",
+             "--approver", "dana", "-c", "configs/production.yaml", "--json"],
+            cwd=project, env=client, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert approved.returncode == 0, approved.stdout + approved.stderr
+        assert json.loads(approved.stdout)["event"]["sent"]
+        (approval,) = _events(api, MODEL_APPROVED)
+        assert (approval["resource"][MODEL_VERSION], approval["resource"][APPROVER]) == (str(version.version), "dana")
+        assert approval["payload"]["decision"] == schema.DECISION_APPROVAL
     finally:
         if worker is not None:
             _stop(worker)
