@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench base clean
 
-# uv installs the same pinned set as pip in about 25 s instead of about 3 minutes (measured on
-# 2 cores); it reads pip's find-links (where this machine keeps its CPU torch wheel) from
+# uv installs the same pinned set as pip in 75-95 s instead of about 3 minutes (measured on
+# 2 cores, bytecode compilation included); it reads pip's find-links (where this machine keeps its CPU torch wheel) from
 # UV_FIND_LINKS. --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (it is on
 # this machine), nothing else writes .pyc files, and every process (each test's subprocesses,
 # the servers) would compile torch, diffusers and mlflow again: 20 s of imports instead of 8.
