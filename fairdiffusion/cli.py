@@ -463,11 +463,10 @@ def approve(
 ) -> None:
     """Promote a version that passed the gate (when require_approval is on); recorded."""
     from fairdiffusion.registry import promotion as registry
+    from flows.events import send_model_approved
 
     tracking = _tracking(config, model)
     record = registry.approve_version(tracking, version, reason, registry.current_actor(approver))
-    from flows.events import send_model_approved
-
     # A notification: the promotion is recorded whether or not it arrives, so a failed
     # delivery is reported, not an error.
     delivery = send_model_approved(record)
@@ -475,9 +474,9 @@ def approve(
         typer.echo(json.dumps({**record.to_dict(), "event": delivery.to_dict()}, indent=2))
     else:
         typer.echo(f"approved: {tracking.model_name} v{record.version} is champion (was v{record.champion_before})")
-    if delivery.sent and not as_json:
-        typer.echo(f"Event          : {delivery.event} sent to {delivery.api_url}")
-    elif not delivery.sent and delivery.api_url is not None:
+        if delivery.sent:
+            typer.echo(f"Event          : {delivery.event} sent to {delivery.api_url}")
+    if not delivery.sent and delivery.api_url is not None:
         typer.echo(f"warning: {delivery.event} did not reach {delivery.api_url} ({delivery.reason})", err=True)
 
 
