@@ -174,7 +174,7 @@ class _Clock:
         self.aside_seconds[kind] += time.perf_counter() - started
 
     def timing(
-        self, loop_seconds: float, samples_per_step: int, fbp_seconds: float, peak_memory: int | None
+        self, loop_seconds: float, samples_per_step: int, fbp: FBPController | None, peak_memory: int | None
     ) -> TrainingTiming:
         steady = self.step_seconds[WARMUP_STEPS:] if len(self.step_seconds) > WARMUP_STEPS else self.step_seconds
         steady_seconds = float(sum(steady))
@@ -184,10 +184,11 @@ class _Clock:
             steady_seconds=steady_seconds,
             median_step_seconds=float(np.median(steady)) if steady else 0.0,
             samples_per_second=samples_per_step * len(steady) / steady_seconds if steady_seconds > 0 else 0.0,
-            fbp_seconds=fbp_seconds,
+            fbp_seconds=fbp.busy_seconds if fbp is not None else 0.0,
             checkpoint_seconds=self.aside_seconds["checkpoint"],
             validation_seconds=self.aside_seconds["validation"],
             peak_memory_bytes=peak_memory,
+            fbp_setup_seconds=fbp.setup_seconds if fbp is not None else 0.0,
         )
 
 
@@ -948,7 +949,7 @@ def train_unet(
     lora_dir = _save_outputs(model, fbp, pretrained, allow_download, config) if main else None
     accelerator.wait_for_everyone()
     samples_per_step = config.batch_size * world * config.gradient_accumulation_steps
-    timing = clock.timing(loop_seconds, samples_per_step, fbp.busy_seconds if fbp else 0.0, peak_memory)
+    timing = clock.timing(loop_seconds, samples_per_step, fbp, peak_memory)
     return _training_result(config, state, fbp, resume_from, lora_dir, timing, time.perf_counter() - started)
 
 

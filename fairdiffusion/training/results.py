@@ -25,6 +25,8 @@ class TrainingTiming:
         checkpoint_seconds: Time spent writing checkpoints.
         validation_seconds: Time spent generating validation grids.
         peak_memory_bytes: Peak GPU memory allocated by tensors; ``None`` on the CPU.
+        fbp_setup_seconds: Time the FBP controller's construction spent, before the loop,
+            importing botorch and warming up its first fit (0 once the process has paid it).
     """
 
     loop_seconds: float
@@ -36,6 +38,7 @@ class TrainingTiming:
     checkpoint_seconds: float
     validation_seconds: float
     peak_memory_bytes: int | None
+    fbp_setup_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -304,3 +304,33 @@ def test_diagnose_windows_flags_a_pinned_sigma_and_a_flat_gap() -> None:
     assert list(diagnose_windows(flat, names, patience=3)) == ["flat_gap"]
     moving = [window(i, [0.4 + 0.1 * i, 0.0 + 0.2 * i], 0.2 - 0.05 * i) for i in range(3)]
     assert diagnose_windows(moving, names, patience=3) == {}
+
+
+def test_the_fit_matches_botorch_with_its_default_settings() -> None:
+    """The controller turns gpytorch's debug checks off for speed; no number may change.
+
+    The window's candidate is recomputed by calling botorch directly, with every
+    gpytorch / linear_operator setting at its default (debug checks on).
+    """
+    from botorch.acquisition import UpperConfidenceBound
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.optim import optimize_acqf
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    ctrl = FBPController(ATTRS, window=10, seed=4)
+    xs, ys = [], []
+    for step, (result, _) in enumerate(run(ctrl, 0, 10)):
+        xs.append(torch.tensor(ctrl.steps[step].sigma, dtype=torch.float64))
+        ys.append(result.y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4 + 0)  # the controller's seed + the window index
+        gp = SingleTaskGP(torch.stack(xs), torch.tensor(ys, dtype=torch.float64).unsqueeze(-1))
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+        bounds = torch.stack([torch.zeros(7), torch.ones(7)]).to(torch.float64)
+        cand, acq = optimize_acqf(
+            UpperConfidenceBound(gp, beta=0.1), bounds=bounds, q=1, num_restarts=5, raw_samples=20
+        )
+    assert ctrl.windows[0].acquisition_value == float(acq)
+    # The window records the candidate itself; the mix toward U(0,1) follows on the same step.
+    assert ctrl.windows[0].sigma == cand.reshape(-1).clamp(0.0, 1.0).tolist()
