@@ -1,6 +1,6 @@
 """Does the MADness regulariser slow the decay of the worst-off group over self-consuming generations?
 
-    python benchmarks/bench_generations.py [--quick] [--generations 5] [--steps 80] [--out DIR]
+    python benchmarks/bench_generations.py [--quick] [--generations 5] [--steps 80] [--seed S] [--out DIR]
 
 Runs ``fairdiffusion generations`` (``flows/generations.py``) on the demo data and base model
 for every arm (baseline, FBP, and each with ``training.mad_regularizer``) and every regime
@@ -42,6 +42,9 @@ ARMS: dict[str, dict] = {
 #: lambda: at the base model, the penalty's gradient is then about half the loss's (measured:
 #: |grad P| / |grad L| = 0.14 at lambda 1, eta 1, batch 8). A new synthetic batch every 5 steps.
 MAD_SETTINGS = {"weight": 4.0, "step_size": 1.0, "inference_steps": 10, "refresh_every": 5}
+#: ``--seed S`` moves the evaluation's image seeds (and so the synthetic data's, derived from
+#: them) by S times this, far past the 100,003 per generation that tasks.generations adds.
+SEED_STRIDE = 10_000_019
 
 
 def arm_config(arm: str, regime: str, args: argparse.Namespace) -> Path:
@@ -56,6 +59,9 @@ def arm_config(arm: str, regime: str, args: argparse.Namespace) -> Path:
     document["training"].update({"max_steps": args.steps, "lora_rank": 8, "checkpoint_every": None, **training})
     document["training"]["output_dir"] = str(out / "train")
     evaluation = document["evaluation"]
+    if args.seed is not None:  # a replicate: other training draws, and other generated images
+        document["training"]["seed"] = args.seed
+        evaluation["seed"] = evaluation.get("seed", 1234) + SEED_STRIDE * args.seed
     evaluation.update({"output_dir": str(out / "eval"), "clinical": {"enabled": False}})
     # The curves use point estimates of the race groups only: no intersections, and a
     # token bootstrap (its intervals are not read here), so 40 evaluations fit the budget.
@@ -162,6 +168,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     # second-order step, took 44 min on 2 quiet CPU cores (README, "Self-consuming").
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--mad-weight", type=float, default=MAD_SETTINGS["weight"], help="lambda of the +reg arms")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="a replicate: training.seed S and the evaluation's image seeds moved by S (default: the demo's)",
+    )
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_generations"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -184,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     settings = {
         "generations": args.generations,
         "steps": args.steps,
+        "seed": args.seed,
         "mad": {**MAD_SETTINGS, "weight": args.mad_weight},
     }
     wall = {"total_s": round(time.perf_counter() - started, 1), "per_arm_s": seconds}

@@ -34,3 +34,19 @@ def test_rows_worst_off_group_and_table(tmp_path: Path) -> None:
         "augment_recall.png",
         "augment_diversity.png",
     ]
+
+
+def test_seed_option_makes_a_replicate_config(tmp_path: Path) -> None:
+    """--seed S changes the training seed and moves the image seeds; without it the demo's stand."""
+    import argparse
+
+    import yaml
+
+    def config(seed: int | None) -> dict:
+        args = argparse.Namespace(out=str(tmp_path / str(seed)), steps=3, quick=False, mad_weight=4.0, seed=seed)
+        return yaml.safe_load(bench.arm_config("fbp+reg", "augment", args).read_text())
+
+    demo, replicate = config(None), config(2)
+    assert replicate["training"]["seed"] == 2 and demo["training"]["seed"] == 0
+    assert replicate["evaluation"]["seed"] == demo["evaluation"]["seed"] + 2 * bench.SEED_STRIDE
+    assert replicate["training"]["mad_regularizer"]["weight"] == 4.0
