@@ -507,22 +507,7 @@ class FBPController:
             return self._fit_and_maximise_bo(xs, ys, window_index)
 
     def _fit_and_maximise_bo(self, xs: Tensor, ys: Tensor, window_index: int) -> tuple[Tensor, float]:
-        UpperConfidenceBound, fit_gpytorch_mll, SingleTaskGP, optimize_acqf, ExactMarginalLogLikelihood = _load_bo()
-        d = xs.shape[1]
-        # Seeded and isolated from the global RNG, so every process gets the
-        # same candidate and the caller's RNG streams are left untouched. On the
-        # background thread (fit_lag > 0) this forks the global CPU generator
-        # while training runs, so the training loop must draw from its own
-        # generators, never the global one (fairdiffusion.training.loop does).
-        with torch.random.fork_rng(devices=[]), _without_debug_checks():
-            torch.manual_seed(self.seed + window_index)
-            gp = SingleTaskGP(xs.to(torch.float64), ys.to(torch.float64))
-            fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
-            ucb = UpperConfidenceBound(gp, beta=self.ucb_beta)
-            # Paper: sigma is searched in the unit box; the restart / raw-sample
-            # budget matches the authors' training script.
-            bounds = torch.stack([torch.zeros(d), torch.ones(d)]).to(torch.float64)
-            cand, acq = optimize_acqf(ucb, bounds=bounds, q=1, num_restarts=5, raw_samples=20)
+        cand, acq = _fit_and_search(xs, ys, self.seed + window_index, self.ucb_beta)
         cand = cand.detach().reshape(-1).to(torch.float64)
         if acq is None or not bool(torch.isfinite(cand).all() & torch.isfinite(acq).all()):
             raise FloatingPointError("non-finite BO candidate or acquisition value")
@@ -618,6 +603,26 @@ def _without_debug_checks() -> Iterator[None]:
         yield
 
 
+def _fit_and_search(xs: Tensor, ys: Tensor, seed: int, beta: float) -> tuple[Tensor, Tensor]:
+    """Fits a ``SingleTaskGP`` to the points and maximises UCB over the unit box: (candidate, value)."""
+    UpperConfidenceBound, fit_gpytorch_mll, SingleTaskGP, optimize_acqf, ExactMarginalLogLikelihood = _load_bo()
+    d = xs.shape[1]
+    # Seeded and isolated from the global RNG, so every process gets the
+    # same candidate and the caller's RNG streams are left untouched. On the
+    # background thread (fit_lag > 0) this forks the global CPU generator
+    # while training runs, so the training loop must draw from its own
+    # generators, never the global one (fairdiffusion.training.loop does).
+    with torch.random.fork_rng(devices=[]), _without_debug_checks():
+        torch.manual_seed(seed)
+        gp = SingleTaskGP(xs.to(torch.float64), ys.to(torch.float64))
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+        ucb = UpperConfidenceBound(gp, beta=beta)
+        # Paper: sigma is searched in the unit box; the restart / raw-sample
+        # budget matches the authors' training script.
+        bounds = torch.stack([torch.zeros(d), torch.ones(d)]).to(torch.float64)
+        return optimize_acqf(ucb, bounds=bounds, q=1, num_restarts=5, raw_samples=20)
+
+
 @cache
 def _warm_up_bo() -> float:
     """Imports botorch and runs one fit on a fixed toy window, once per process; returns the seconds.
@@ -625,21 +630,17 @@ def _warm_up_bo() -> float:
     The first GP fit and UCB search of a process cost about 0.9 s more than later ones
     (lazy imports inside botorch and scipy, torch's first-call dispatch set-up): 1.16 s
     against 0.24-0.5 s on 2 cores. Paid here, at the controller's construction, beside the
-    import, so that no window pays it on the training loop's clock. The toy fit leaves no
-    trace: its random draws come from a forked generator, and it changes no later fit
-    (the candidates of a test run are bit-identical with and without it).
+    import, so that no window pays it on the training loop's clock. The toy fit goes through
+    the windows' own :func:`_fit_and_search` and leaves no trace: its random draws come from
+    a forked generator, and it changes no later fit (the candidates of a test run are
+    bit-identical with and without it).
     """
     started = time.perf_counter()
-    UpperConfidenceBound, fit_gpytorch_mll, SingleTaskGP, optimize_acqf, ExactMarginalLogLikelihood = _load_bo()
     xs = torch.linspace(0.0, 1.0, 8, dtype=torch.float64).unsqueeze(-1).repeat(1, 2)
     xs[:, 1] = xs[:, 1].flip(0)
     ys = torch.sin(6.0 * xs[:, :1]) + xs[:, 1:]
-    with torch.random.fork_rng(devices=[]), _without_debug_checks(), _single_threaded(enabled=True):
-        torch.manual_seed(0)
-        gp = SingleTaskGP(xs, ys)
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
-        bounds = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
-        optimize_acqf(UpperConfidenceBound(gp, beta=0.1), bounds=bounds, q=1, num_restarts=5, raw_samples=20)
+    with _single_threaded(enabled=True):
+        _fit_and_search(xs, ys, seed=0, beta=0.1)
     return time.perf_counter() - started
 
 
