@@ -556,6 +556,24 @@ class ClinicalConfig(_Section):
         return self
 
 
+class FidelityConfig(ClinicalConfig):
+    """Prompt fidelity (beyond the paper): does the model draw the patient its prompt describes?
+
+    A classifier trained on the *real* training images (the reverse of the clinical AUC's
+    direction) predicts every prompted attribute; per group, the rate at which generated
+    images prompted as that group are classified as it, over the same rate on the real
+    test images, is the group's fidelity. ``labels`` names the attributes measured
+    (``None``: every protected attribute and every clinical label the table has).
+    """
+
+    #: Epochs of the real-image classifier (one fit per data version, cached).
+    epochs: int = Field(30, ge=1)
+    #: An attribute counts as visible in the real images when the lower end of the
+    #: interval of the classifier's balanced accuracy on the real test images exceeds chance
+    #: (1 / classes) by this margin; an attribute that is not is reported, never gated.
+    visible_margin: float = Field(0.1, ge=0, lt=1)
+
+
 #: ``evaluation.ci_method`` values that were renamed, and their new names.
 RENAMED_CI_METHODS: dict[str, str] = {"bias_corrected": "bias_shifted_percentile"}
 
@@ -596,6 +614,7 @@ class EvaluationConfig(_Section):
     #: Features are cached here by (model, data, extractor); ``None``: ``<output_dir>/cache``.
     cache_dir: Path | None = None
     clinical: ClinicalConfig = ClinicalConfig()
+    fidelity: FidelityConfig = FidelityConfig()
 
     @field_validator("ci_method", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from fairdiffusion.data.table import LoadedDataset
 from fairdiffusion.data.versioning import DataVersion, pull_data, resolve_data_version, verify_data
 from fairdiffusion.registry import lineage
 from fairdiffusion.registry.lineage import PromotionOutcome
+from fairdiffusion.registry.policy import check_fidelity_attributes
 from fairdiffusion.registry.skip import ChampionBaseline, config_fingerprint, decide_skip
 
 
@@ -60,5 +61,10 @@ def skip_if_unchanged(
 
 @task(name="load_samples")
 def load_samples(config: PipelineConfig) -> LoadedDataset:
-    """Read the dataset with its format's adapter (train, val and test splits; exclusions)."""
-    return load_dataset(config.data)
+    """Read the dataset with its format's adapter (train, val and test splits; exclusions).
+
+    The gate policy's fidelity rules must name columns of it: checked here, before training.
+    """
+    dataset = load_dataset(config.data)
+    check_fidelity_attributes(config.gate.policy, dataset.samples.columns)
+    return dataset

@@ -30,6 +30,7 @@ from fairdiffusion.evaluation.cache import cache_key, fingerprint_files, model_f
 from fairdiffusion.evaluation.clinical import evaluate_clinical_semantics
 from fairdiffusion.evaluation.comparison import BaselineRun, compare_with_baseline
 from fairdiffusion.evaluation.features import FeatureExtractor, build_extractor, extract_features
+from fairdiffusion.evaluation.fidelity import flatten_fidelity, measure_fidelity
 from fairdiffusion.evaluation.generation import generate_images, resolve_device
 from fairdiffusion.evaluation.image_metrics import IMAGE_METRICS, FeatureStatistics
 from fairdiffusion.evaluation.manifold import compute_manifold_slices
@@ -41,7 +42,7 @@ from fairdiffusion.evaluation.metric_keys import (
 )
 from fairdiffusion.evaluation.reference import floor_metrics, reference_metrics
 from fairdiffusion.evaluation.report import write_report
-from fairdiffusion.evaluation.results import ClinicalResult, EvaluationReport
+from fairdiffusion.evaluation.results import ClinicalResult, EvaluationReport, FidelityResult
 from fairdiffusion.evaluation.slices import (
     SliceAnalysis,
     SliceSettings,
@@ -308,6 +309,40 @@ def _clinical_training_images(
     return images.generated, rows
 
 
+#: What the report says each direction of "does the image carry its prompt" answers.
+FIDELITY_PROTOCOL = (
+    "a classifier trained on the real training images, applied to the real test images and to the images "
+    "generated from the same test prompts; per group: generated rate / real rate of being classified as the "
+    "group (the reverse of the clinical AUC, which trains on generated images and tests on real ones)"
+)
+
+
+def _fidelity(
+    config: EvaluationConfig,
+    train_samples: pd.DataFrame | None,
+    test: tuple[np.ndarray, np.ndarray, pd.DataFrame],
+    attributes: Mapping[str, Sequence[str]],
+    resolution: int,
+    data_version: str,
+    device: str,
+) -> FidelityResult | None:
+    """Prompt fidelity of the generated test images (``test``: real, generated, rows); needs the training rows."""
+    if not config.fidelity.enabled or train_samples is None or train_samples.empty:
+        return None
+    rows = train_samples.reset_index(drop=True)
+    real_train = load_real_images([str(p) for p in rows["image_path"]], resolution)
+    fidelity_config = config.fidelity
+    if fidelity_config.labels is None and config.clinical.labels is not None:
+        # The clinical labels a config names (HAM10000's and CheXpert's diagnosis) are prompted too.
+        fidelity_config = fidelity_config.model_copy(update={"labels": [*attributes, *config.clinical.labels]})
+    cache = (Path(config.cache_dir or Path(config.output_dir) / "cache"), data_version)
+    real, generated, test_rows = test
+    settings = slice_settings(config)
+    return measure_fidelity(
+        (real_train, rows), real, generated, test_rows, attributes, fidelity_config, settings, cache, device
+    )
+
+
 def evaluate_model(
     model_dir: str,
     test_samples: pd.DataFrame,
@@ -351,6 +386,8 @@ def evaluate_model(
     images, versions = _generated_for(model_dir, test_samples, real, resolution, extractor, config, data_version)
     train = _clinical_training_images(model_dir, train_samples, resolution, extractor, config, data_version)
     measured = _measure(images, real, test_samples, attributes, extractor.name, config, device, train)
+    test = (real, images.generated, test_samples)
+    fidelity = _fidelity(config, train_samples, test, attributes, resolution, data_version, device)
     metrics = measured.metrics | floor_metrics(
         images.features.real, images.features.generated, extractor.name, config.seed
     )
@@ -360,6 +397,10 @@ def evaluate_model(
 
     protocol = _protocol(extractor, config, resolution, len(test_samples), device, dtype, versions, images, measured)
     protocol["reference_model"] = reference_dir
+    protocol["fidelity"] = FIDELITY_PROTOCOL if fidelity is not None else False
+    if fidelity is not None:
+        metrics |= flatten_fidelity(fidelity)
+        protocol["seconds"] = {**protocol["seconds"], "fidelity": fidelity.seconds}  # type: ignore[dict-item]
     report = EvaluationReport(
         extractor=extractor.name,
         slices=measured.quality.slices,
@@ -371,6 +412,7 @@ def evaluate_model(
         quality=measured.quality,
         clinical=measured.clinical,
         baseline=None if baseline is None else compare_with_baseline(metrics, baseline, attributes, extractor.name),
+        fidelity=fidelity,
     )
     groups = test_samples[list(attributes)]
     return write_report(report, Path(config.output_dir), real, images.generated, groups, attributes, config)

@@ -141,3 +141,29 @@ def flatten_manifold(table: Mapping[str, Mapping[str, float]], extractor: str) -
         for metric, value in values.items()
         if metric != "num_samples"
     }
+
+
+#: Prompt fidelity's key stems: per group ``<stem>/<attribute>/<group>``, per attribute ``<stem>/<attribute>``.
+FIDELITY = "fidelity"
+FIDELITY_GROUP_STEMS = {
+    "fidelity": FIDELITY,
+    "real_rate": "fidelity_real_rate",
+    "generated_rate": "fidelity_generated_rate",
+}
+FIDELITY_ATTRIBUTE_STEMS = {
+    "computable": "fidelity_computable",
+    "visible": "fidelity_visible",
+    "worst": "fidelity_worst",
+    "real_balanced_accuracy": "fidelity_real_balanced_accuracy",
+    "real_accuracy": "fidelity_real_accuracy",
+    "generated_accuracy": "fidelity_generated_accuracy",
+    "majority_rate": "fidelity_majority_rate",
+    "margin_retained": "fidelity_margin_retained",
+}
+
+
+def fidelity_key(stat: str, attribute: str, group: str | None = None) -> str:
+    """``fidelity_key("fidelity", "race", "Asian") == "fidelity/race/Asian"``; attribute stats take no group."""
+    if group is None:
+        return f"{FIDELITY_ATTRIBUTE_STEMS[stat]}/{attribute}"
+    return f"{FIDELITY_GROUP_STEMS[stat]}/{attribute}/{group}"

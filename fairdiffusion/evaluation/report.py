@@ -29,7 +29,7 @@ from fairdiffusion.config import EvaluationConfig
 from fairdiffusion.evaluation.comparison import BaselineComparison
 from fairdiffusion.evaluation.image_metrics import INCEPTION_SCORE
 from fairdiffusion.evaluation.metric_keys import reference_keys
-from fairdiffusion.evaluation.results import EvaluationReport
+from fairdiffusion.evaluation.results import EvaluationReport, FidelityResult
 from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
 
 METRIC_TITLES = {"fid": "FID", "kid": "KID", INCEPTION_SCORE: "IS (1 split)"}
@@ -146,8 +146,23 @@ def _slice_rows(analysis: SliceAnalysis, titles: Mapping[str, str]) -> tuple[lis
     return headers, rows
 
 
-def _equity_rows(analysis: SliceAnalysis, titles: Mapping[str, str]) -> tuple[list[str], list[list[str]]]:
+def _lowest_fidelity(fidelity: FidelityResult | None, attribute: str) -> str:
+    """The equity tables' fidelity column: the group drawn least as prompted, and its figure."""
+    item = fidelity.attributes.get(attribute) if fidelity else None
+    if item is None:
+        return "–"
+    worst = item.worst_group
+    if not item.computable or worst is None:
+        return "not computable"
+    shown = f"{worst.group} {_with_ci(worst.fidelity, worst.fidelity_interval)}"
+    return shown if item.visible else f"{shown} (not visible in real images)"
+
+
+def _equity_rows(
+    analysis: SliceAnalysis, titles: Mapping[str, str], fidelity: FidelityResult | None = None
+) -> tuple[list[str], list[list[str]]]:
     headers = ["metric", "attribute", "overall", "ES", "D", "D / M", "largest gap", "worst-off group"]
+    headers.append("lowest prompt fidelity")
     rows = []
     for metric in analysis.metric_names:
         for attribute, stats in analysis.equity[metric].items():
@@ -162,9 +177,58 @@ def _equity_rows(analysis: SliceAnalysis, titles: Mapping[str, str]) -> tuple[li
                     _with_ci(stats["relative_disparity"], bounds.get("relative_disparity")),
                     _with_ci(stats["max_gap"], bounds.get("max_gap")),
                     str(stats["worst_group"]) or "–",
+                    _lowest_fidelity(fidelity, attribute),
                 ]
             )
     return headers, rows
+
+
+FIDELITY_NOTE = (
+    "A classifier trained on the real training images names each prompted attribute. Per group: the share of "
+    "real test images classified as the group, the share of images generated from prompts naming the group "
+    "classified as it, and their ratio, the fidelity (1: drawn as recognisably as real; 0: not drawn at all). "
+    "This asks whether each image shows what its prompt asked for; the clinical AUC (paper Sec. 4.3) asks "
+    "whether generated images teach the labels. An attribute the real images do not show beyond chance is "
+    "reported, not judged."
+)
+
+
+def _fidelity_attribute_rows(fidelity: FidelityResult) -> tuple[list[str], list[list[str]]]:
+    headers = ["attribute", "kind", "visible in real images", "real balanced acc. (chance)", "accuracy real"]
+    headers += ["accuracy generated", "majority class", "margin kept", "lowest fidelity"]
+    rows = []
+    for name, item in fidelity.attributes.items():
+        if not item.computable:
+            rows.append([name, item.kind, f"not computable: {item.reason}", *["–"] * 6])
+            continue
+        visible = "yes" if item.visible else item.reason
+        balanced = (
+            f"{_with_ci(item.real_balanced_accuracy, item.real_balanced_accuracy_interval)} ({_num(item.chance)})"
+        )
+        rows.append(
+            [name, item.kind, visible, balanced, _num(item.real_accuracy), _num(item.generated_accuracy),
+             _num(item.majority_rate), _num(item.margin_retained), _lowest_fidelity(fidelity, name)]
+        )  # fmt: skip
+    return headers, rows
+
+
+def _fidelity_group_rows(fidelity: FidelityResult) -> tuple[list[str], list[list[str]]]:
+    headers = ["attribute", "group", "n", "real rate", "generated rate", "fidelity"]
+    rows = []
+    for name, item in fidelity.attributes.items():
+        for g in item.groups:
+            rows.append(
+                [name, g.group, str(g.num_samples), _with_ci(g.real_rate, g.real_interval),
+                 _with_ci(g.generated_rate, g.generated_interval), _with_ci(g.fidelity, g.fidelity_interval)]
+            )  # fmt: skip
+    return headers, rows
+
+
+def _fidelity_title(fidelity: FidelityResult) -> str:
+    return (
+        f"Prompt fidelity: `{fidelity.classifier}` classifier trained on {fidelity.train_images} real training "
+        f"images, applied to {fidelity.test_images} real and {fidelity.test_images} generated test images"
+    )
 
 
 def _matched_rows(analysis: SliceAnalysis, titles: Mapping[str, str]) -> tuple[list[str], list[list[str]]]:
@@ -304,8 +368,12 @@ def render_markdown(report: EvaluationReport, charts: Sequence[str] = ()) -> str
         lines += ["", "## References", ""] + [f"- {line}" for line in reference_lines(report)]
     if report.baseline is not None:
         lines += _baseline_markdown(report.baseline)
+    if report.fidelity is not None:
+        lines += ["", f"## {_fidelity_title(report.fidelity)}", "", FIDELITY_NOTE, ""]
+        lines += _md_table(*_fidelity_attribute_rows(report.fidelity))
+        lines += [""] + _md_table(*_fidelity_group_rows(report.fidelity))
     lines += ["", "## Equity (full sample sizes)", ""]
-    lines += _md_table(*_equity_rows(quality, titles))
+    lines += _md_table(*_equity_rows(quality, titles, report.fidelity))
     if quality.matched:
         lines += ["", "## Equity at matched sample size", ""]
         lines += _md_table(*_matched_rows(quality, titles))
@@ -547,8 +615,13 @@ def render_html(report: EvaluationReport, charts: Sequence[Path], grids: Mapping
         )
         if report.baseline is not None:
             parts.append(_baseline_html(report.baseline))
+        if report.fidelity is not None:
+            parts.append(f"<h2>{_code_spans(html.escape(_fidelity_title(report.fidelity)))}</h2>")
+            parts.append(f"<p class='muted'>{html.escape(FIDELITY_NOTE)}</p>")
+            parts.append(_html_table(*_fidelity_attribute_rows(report.fidelity)))
+            parts.append(_html_table(*_fidelity_group_rows(report.fidelity)))
         parts.append(f"<h2>Equity (full sample sizes, {level} intervals)</h2>")
-        parts.append(_html_table(*_equity_rows(quality, titles)))
+        parts.append(_html_table(*_equity_rows(quality, titles, report.fidelity)))
         if quality.matched:
             parts.append("<h2>Equity at matched sample size</h2>")
             parts.append("<p class='muted'>FID depends on sample size; compare groups here.</p>")

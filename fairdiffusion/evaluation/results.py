@@ -38,6 +38,77 @@ class ClinicalResult:
 
 
 @dataclass(frozen=True)
+class GroupFidelity:
+    """One group's recognition rates, real and generated, and their ratio, with intervals."""
+
+    group: str
+    num_samples: int
+    real_rate: float
+    generated_rate: float
+    fidelity: float
+    real_interval: list[float]
+    generated_interval: list[float]
+    fidelity_interval: list[float]
+
+
+@dataclass(frozen=True)
+class AttributeFidelity:
+    """Fidelity of one attribute: whether the real images show it, and every group's figures."""
+
+    attribute: str
+    kind: str
+    classes: list[str]
+    computable: bool
+    visible: bool
+    #: Why the attribute is not computable or not visible ('' when it is both).
+    reason: str
+    chance: float
+    real_balanced_accuracy: float
+    real_balanced_accuracy_interval: list[float]
+    real_accuracy: float
+    generated_accuracy: float
+    #: Accuracy of always answering the test split's most frequent class.
+    majority_rate: float
+    #: (generated - majority) / (real - majority): the share of the real images' margin
+    #: over the majority class that the generated images keep (NaN when real has none).
+    margin_retained: float
+    groups: list[GroupFidelity]
+
+    @property
+    def worst_group(self) -> GroupFidelity | None:
+        """The group with the lowest fidelity (NaN last), or ``None`` without groups."""
+        ranked = sorted(self.groups, key=lambda g: (not np.isfinite(g.fidelity), g.fidelity))
+        return ranked[0] if ranked else None
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    """Prompt fidelity of one model on one test split, per attribute and group."""
+
+    classifier: str
+    attributes: dict[str, AttributeFidelity]
+    train_images: int
+    test_images: int
+    #: Whether the real-image classifier came from the cache (fitted once per data version).
+    cached_classifier: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FidelityResult:
+        """Inverse of :meth:`to_dict`."""
+        raw = dict(data)
+        attributes = {}
+        for name, item in raw["attributes"].items():
+            groups = [GroupFidelity(**g) for g in item["groups"]]
+            attributes[name] = AttributeFidelity(**{**item, "groups": groups})
+        return cls(**{**raw, "attributes": attributes})
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     """Per-slice image quality, equity, and clinical semantics of one model on one test split.
 
@@ -60,6 +131,8 @@ class EvaluationReport:
     grids: dict[str, str] = field(default_factory=dict)
     #: The deltas from a ``method: baseline`` run on the same data version, when one exists.
     baseline: BaselineComparison | None = None
+    #: Prompt fidelity per attribute and group (a classifier trained on real images).
+    fidelity: FidelityResult | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form (the ``evaluation.json`` artifact)."""
@@ -75,6 +148,8 @@ class EvaluationReport:
             raw["clinical"] = ClinicalResult.from_dict(raw["clinical"])
         if raw.get("baseline") is not None:
             raw["baseline"] = BaselineComparison.from_dict(raw["baseline"])
+        if raw.get("fidelity") is not None:
+            raw["fidelity"] = FidelityResult.from_dict(raw["fidelity"])
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 

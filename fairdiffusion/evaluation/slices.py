@@ -261,7 +261,7 @@ def matched_ci_method(method: str) -> str:
     return "bias_shifted_percentile" if method == "bca" else method
 
 
-def _interval(replicates: np.ndarray, level: float, point: float, method: str) -> list[float]:
+def bootstrap_interval(replicates: np.ndarray, level: float, point: float, method: str) -> list[float]:
     """A bootstrap interval from replicates of a statistic whose estimate is ``point``.
 
     ``percentile``: the replicates' percentiles. ``bias_shifted_percentile``: the same
@@ -392,7 +392,9 @@ def _slice_intervals(
         for name, rows in slices.items():
             resampled[name] = _resample(rng, rows, settings.resamples)
             replicates[name] = statistic(resampled[name])
-            intervals[name] = {m: _interval(replicates[name][m], level, table[name][m], method) for m in metric_names}
+            intervals[name] = {
+                m: bootstrap_interval(replicates[name][m], level, table[name][m], method) for m in metric_names
+            }
             bar.update()
     return resampled, replicates, intervals
 
@@ -447,7 +449,7 @@ def _attribute_intervals(
     )
     level, method = settings.confidence_level, settings.ci_method
     return {
-        metric: {s: _interval(v, level, float(points[metric][s]), method) for s, v in stats.items()}
+        metric: {s: bootstrap_interval(v, level, float(points[metric][s]), method) for s, v in stats.items()}
         for metric, stats in stratified.items()
     }
 
@@ -571,9 +573,11 @@ def _matched(
     if settings.resamples > 0:
         boot = {key: statistic(_resample(rng, pools[key], settings.resamples, size)) for key in keys}
         for metric in metric_names:
-            intervals[metric] = {key: _interval(boot[key][metric], level, values[metric][key], method) for key in keys}
+            intervals[metric] = {
+                key: bootstrap_interval(boot[key][metric], level, values[metric][key], method) for key in keys
+            }
             stats = _equity_arrays(boot[OVERALL][metric], [boot[g][metric] for g in usable], higher_is_better[metric])
             equity_intervals[metric] = {
-                s: _interval(v, level, float(equity[metric][s]), method) for s, v in stats.items()
+                s: bootstrap_interval(v, level, float(equity[metric][s]), method) for s, v in stats.items()
             }
     return MatchedEquity(size, draws, values, intervals, equity, equity_intervals)

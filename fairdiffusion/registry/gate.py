@@ -17,10 +17,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fairdiffusion.evaluation.metric_keys import fid_metric_names, metric_key_stems, reference_keys
+from fairdiffusion.evaluation.metric_keys import (
+    FIDELITY_ATTRIBUTE_STEMS,
+    fid_metric_names,
+    fidelity_key,
+    metric_key_stems,
+    reference_keys,
+)
 from fairdiffusion.evaluation.slices import OVERALL
 from fairdiffusion.registry.policy import (
     AbsoluteRules,
+    FidelityRules,
     GatePolicy,
     MadnessRules,
     NonRegressionRules,
@@ -235,6 +242,101 @@ def check_es_auc(candidate: Mapping[str, float], attribute: str, floor: float | 
     return checks
 
 
+def _measured_fidelity(candidate: Mapping[str, float]) -> dict[str, bool]:
+    """Attribute -> whether its fidelity could be computed, from ``fidelity_computable/<attribute>``."""
+    stem = FIDELITY_ATTRIBUTE_STEMS["computable"] + "/"
+    return {k.removeprefix(stem): bool(v) for k, v in candidate.items() if k.startswith(stem)}
+
+
+def _fidelity_targets(value: object, default_to: Sequence[str]) -> dict[str, float]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items() if v is not None}
+    return dict.fromkeys(default_to, float(value))  # type: ignore[arg-type]
+
+
+def _fidelity_groups(candidate: Mapping[str, float], attribute: str) -> list[str]:
+    prefix = fidelity_key("fidelity", attribute, "")
+    return [k.removeprefix(prefix) for k in candidate if k.startswith(prefix)]
+
+
+def _fidelity_floor(candidate: Mapping[str, float], attribute: str, floor: float) -> list[RuleCheck]:
+    """Every group of one visible attribute is drawn as prompted at least ``floor`` as often as real images show it."""
+    groups = _fidelity_groups(candidate, attribute)
+    if not groups:
+        detail = f"prompt fidelity of {attribute}: no group's fidelity was measured"
+        return [_check(candidate, "min_group_fidelity", fidelity_key("fidelity", attribute, "*"), floor, False, detail)]
+    checks = []
+    for group in groups:
+        key = fidelity_key("fidelity", attribute, group)
+        value, real = candidate.get(key), candidate.get(fidelity_key("real_rate", attribute, group), math.nan)
+        generated = candidate.get(fidelity_key("generated_rate", attribute, group), math.nan)
+        if not _finite(value):
+            detail = f"prompt fidelity of {attribute}={group} is {value}: its real images are never recognised"
+            checks.append(_check(candidate, "min_group_fidelity", key, floor, False, detail))
+            continue
+        ok = value >= floor  # type: ignore[operator]
+        detail = (
+            f"prompt fidelity of {attribute}={group} {value:.2f} {'>=' if ok else '<'} {floor:.2f}: "
+            f"{generated:.0%} of images prompted as {group} are recognised as {group}, against {real:.0%} "
+            "of the real images"
+        )
+        checks.append(_check(candidate, "min_group_fidelity", key, floor, ok, detail))
+    return checks
+
+
+def _margin_floor(candidate: Mapping[str, float], attribute: str, floor: float) -> list[RuleCheck]:
+    key = fidelity_key("margin_retained", attribute)
+    missing = _missing(candidate, key)
+    if missing:
+        return missing
+    ok = candidate[key] >= floor
+    real, generated = (
+        candidate.get(fidelity_key("real_accuracy", attribute)),
+        candidate.get(fidelity_key("generated_accuracy", attribute)),
+    )
+    majority = candidate.get(fidelity_key("majority_rate", attribute))
+    detail = (
+        f"prompt fidelity of {attribute}: generated images keep {candidate[key]:.2f} of the real images' margin "
+        f"over the majority class ({'>=' if ok else '<'} {floor:.2f}; accuracy real {real:.2f}, generated "
+        f"{generated:.2f}, majority {majority:.2f})"
+    )
+    return [_check(candidate, "min_margin_retained", key, floor, ok, detail)]
+
+
+def check_fidelity(
+    candidate: Mapping[str, float], attributes: Mapping[str, Sequence[str]], rules: FidelityRules
+) -> list[RuleCheck]:
+    """The candidate draws every group as prompted (fails closed; invisible attributes are left out, by name).
+
+    ``min_group_fidelity`` as a number covers every protected attribute, ``min_margin_retained``
+    as a number every measured clinical label; a mapping names its attributes.
+    """
+    measured = _measured_fidelity(candidate)
+    clinical = [a for a in measured if a not in attributes]
+    per_rule = [
+        ("min_group_fidelity", _fidelity_targets(rules.min_group_fidelity, list(attributes)), _fidelity_floor),
+        ("min_margin_retained", _fidelity_targets(rules.min_margin_retained, clinical), _margin_floor),
+    ]
+    checks: list[RuleCheck] = []
+    for rule, targets, judge in per_rule:
+        for attribute, floor in targets.items():
+            visible_key = fidelity_key("visible", attribute)
+            if attribute not in measured:
+                detail = f"prompt fidelity of {attribute} was not measured: cannot show the model draws it as prompted"
+                checks.append(_check(candidate, rule, fidelity_key("computable", attribute), floor, False, detail))
+            elif not measured[attribute]:
+                detail = f"prompt fidelity of {attribute} is not computable (see the evaluation report)"
+                checks.append(_check(candidate, rule, fidelity_key("computable", attribute), floor, False, detail))
+            elif not candidate.get(visible_key):
+                detail = f"{attribute} is not visible in the real images beyond chance: left out of {rule}"
+                checks.append(_check(candidate, rule, visible_key, floor, True, detail))
+            else:
+                checks += judge(candidate, attribute, floor)
+    return checks
+
+
 def check_non_regression(
     candidate: Mapping[str, float],
     champion: Mapping[str, float],
@@ -379,6 +481,7 @@ def decide_promotion(
         checks += check_equity_ceilings(candidate, names, attribute, rules)
         checks += check_scale_free(candidate, extractor, attribute, rules)
         checks += check_es_auc(candidate, attribute, threshold_for(rules.min_es_auc, attribute))
+    checks += check_fidelity(candidate, attributes, policy.fidelity)
     if champion is not None:
         tolerances = policy.non_regression
         compared = [(overall_key, tolerances.fid_overall)]

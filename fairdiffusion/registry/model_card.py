@@ -87,6 +87,7 @@ def render_model_card(
         f"{training.steps} steps; MLflow run `{facts.run_id}`.\n",
         *_gate_section(decision, facts.policy_file),
         *_metrics_section(report),
+        *_fidelity_section(report),
         *_versions_section(facts, training),
         *_intended_use_section(),
         *_limitations_section(facts, report),
@@ -150,6 +151,28 @@ def _metrics_section(report: EvaluationReport) -> list[str]:
         parts.append("Equity of FID across each attribute's groups (ES: equity-scaled FID, lower is fairer):\n")
         parts.append(_table(["attribute", *stats], [[a, *(v.get(k) for k in stats)] for a, v in report.equity.items()]))
     return parts
+
+
+def _fidelity_section(report: EvaluationReport) -> list[str]:
+    """Does the model draw the patient its prompt describes? Per group, real and generated rates."""
+    fidelity = report.fidelity
+    if fidelity is None:
+        return ["## Prompt fidelity\n", "Not measured (evaluation.fidelity off, or no training rows).\n"]
+    rows: list[list[object]] = []
+    for name, item in fidelity.attributes.items():
+        if not item.computable or not item.visible:
+            rows.append([name, "–", "–", "–", "–", "–", item.reason])
+            continue
+        for g in item.groups:
+            interval = f"[{g.fidelity_interval[0]:.2f}, {g.fidelity_interval[1]:.2f}]"
+            rows.append([name, g.group, g.num_samples, g.real_rate, g.generated_rate, g.fidelity, interval])
+    return [
+        "## Prompt fidelity\n",
+        f"A `{fidelity.classifier}` classifier trained on {fidelity.train_images} real training images recognises "
+        "each prompted attribute in the real test images and in the images generated from the same prompts; "
+        "fidelity is the generated rate over the real rate (1: drawn as recognisably as real).\n",
+        _table(["attribute", "group", "n", "real rate", "generated rate", "fidelity", "interval / note"], rows),
+    ]
 
 
 def _versions_section(facts: ModelCardFacts, training: TrainingResult) -> list[str]:

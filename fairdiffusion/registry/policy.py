@@ -11,12 +11,13 @@ decision.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fairdiffusion import files
-from fairdiffusion.errors import FairDiffusionError
+from fairdiffusion.errors import ConfigError, FairDiffusionError
 
 
 class PolicyError(FairDiffusionError):
@@ -91,6 +92,26 @@ class MadnessRules(_Strict):
     max_recall_loss: float | None = Field(0.2, ge=0, le=1)
 
 
+class FidelityRules(_Strict):
+    """The candidate draws every group as prompted (prompt fidelity; beyond the paper).
+
+    A model that ignores who the patient is serves no group fairly, however close its
+    images are to the real ones on average. Fidelity is measured by a classifier trained
+    on the real training images (:mod:`fairdiffusion.evaluation.fidelity`). An attribute
+    the real images do not show beyond chance is left out; one named here that was not
+    measured, or could not be, fails closed. On by default.
+    """
+
+    #: Floor on every group's fidelity (generated rate / real rate of being recognised
+    #: as the group). A number: every protected attribute measured; a mapping: the named
+    #: attributes (protected or clinical).
+    min_group_fidelity: PerAttribute = 0.8
+    #: Floor on the share of the real images' accuracy margin over the majority class
+    #: that the generated images keep, (generated - majority) / (real - majority). A
+    #: number: every clinical label measured; a mapping: the named attributes.
+    min_margin_retained: PerAttribute = 0.5
+
+
 class GatePolicy(_Strict):
     """A fairness-gate policy file."""
 
@@ -99,6 +120,7 @@ class GatePolicy(_Strict):
     non_regression: NonRegressionRules
     reference: ReferenceRules = ReferenceRules()
     madness: MadnessRules = MadnessRules()
+    fidelity: FidelityRules = FidelityRules()
 
 
 def threshold_for(value: PerAttribute, attribute: str) -> float | None:
@@ -128,3 +150,26 @@ def load_policy(path: str | Path) -> tuple[GatePolicy, str]:
             f"{'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}" for item in error.errors()
         )
         raise PolicyError(f"gate policy {path}: {problems}") from None
+
+
+def check_fidelity_attributes(path: str | Path, columns: Iterable[str]) -> None:
+    """Refuse, before training, a policy whose fidelity rules name an attribute the data does not have.
+
+    A policy that cannot be read is left to the gate, which rejects the candidate naming why.
+
+    Raises:
+        ConfigError: naming the policy file, the rule's key and the missing attribute.
+    """
+    try:
+        policy, _ = load_policy(path)
+    except PolicyError:
+        return
+    available = set(columns)
+    for rule in ("min_group_fidelity", "min_margin_retained"):
+        value = getattr(policy.fidelity, rule)
+        missing = sorted(set(value) - available) if isinstance(value, dict) else []
+        if missing:
+            raise ConfigError(
+                f"gate policy {path}: fidelity.{rule} names {', '.join(missing)}, which the sample table does not "
+                f"have (its attributes and labels must be columns of the data: {', '.join(sorted(available))})"
+            )

@@ -11,11 +11,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fairdiffusion import tracking
 from fairdiffusion.config import FAIRGENMED_ATTRIBUTES, PipelineConfig, load_config
+from fairdiffusion.evaluation.fidelity import compute_attribute_fidelity, flatten_fidelity
 from fairdiffusion.evaluation.metric_keys import flatten_metrics
-from fairdiffusion.evaluation.results import EvaluationReport
-from fairdiffusion.evaluation.slices import equity_scaled
+from fairdiffusion.evaluation.results import EvaluationReport, FidelityResult
+from fairdiffusion.evaluation.slices import SliceSettings, equity_scaled
 from fairdiffusion.registry import lineage, schema
 from fairdiffusion.training.results import TrainingResult
 
@@ -35,7 +38,18 @@ def make_metrics(overall: float = 10.0, groups: dict | None = None, size: float 
         for group, fid in values.items():
             slices[f"{attribute}/{group}"] = {"fid": fid, "num_samples": size}
     equity = {a: equity_scaled(overall, v, higher_is_better=False) for a, v in groups.items()}
-    return flatten_metrics(slices, equity, EXTRACTOR)
+    return flatten_metrics(slices, equity, EXTRACTOR) | faithful_fidelity(groups)
+
+
+def faithful_fidelity(attributes: dict, per_group: int = 10) -> dict[str, float]:
+    """Prompt-fidelity metrics, built as the evaluation builds them, of a model that draws every group as prompted."""
+    settings = SliceSettings(resamples=20, seed=0)
+    metrics: dict[str, float] = {}
+    for attribute, groups in attributes.items():
+        targets = np.repeat(np.arange(len(groups)), per_group)
+        item = compute_attribute_fidelity(attribute, "protected", groups, targets, (targets, targets), settings, 0.1)
+        metrics |= flatten_fidelity(FidelityResult("small", {attribute: item}, 0, len(targets), False, 0.0))
+    return metrics
 
 
 def register_candidate(

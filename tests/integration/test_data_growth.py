@@ -74,6 +74,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "non_regression": {"fid_overall": 1.0e6, "es_fid": 1.0e6, "use_intervals": False},
                 # Plumbing tests on a random tiny model: the base-model rule is tested on the demo.
                 "reference": {"beat_base_model": False},
+                "fidelity": {"min_group_fidelity": None, "min_margin_retained": None},  # a random tiny model is prompt-blind
             }
         )
     )
@@ -91,6 +92,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "bootstrap_resamples": 0,
             "matched_draws": 0,
             "clinical": {"enabled": False},
+            "fidelity": {"enabled": False},
         },
         "gate": {"policy": str(policy)},
         "tracking": {

@@ -3,7 +3,9 @@
 - the base model draws fundus images: in raw pixel space (no learnt network) they are far
   closer to the real test images than uniform noise is;
 - a candidate fine-tuned for one step has learnt nothing, and the demo policy rejects it
-  with the reference rule named; its lineage names the base model's DVC version.
+  with the reference rule named; its lineage names the base model's DVC version;
+- that candidate is prompt-blind (the base model was pretrained on random demographic
+  words), and the fidelity rule rejects it too, naming the rare group.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def test_a_one_step_candidate_is_rejected_by_the_reference_rule(
     outcome = state.result(raise_on_failure=False).outcome  # the GateRejected error carries it
     assert not outcome.promoted and not outcome.passed
     assert any("not better than the model it started from" in reason for reason in outcome.reasons), outcome.reasons
+    # Prompt-blind: the rare group is never drawn as prompted, though the real images show it.
+    asian = [r for r in outcome.reasons if r.startswith("prompt fidelity of race=Asian ")]
+    assert asian and "< 0.80" in asian[0], outcome.reasons
     lineage = read_lineage(load_config(config_path).tracking, version=outcome.version)
     assert lineage.base_model.dvc_md5 == resolve_data_version(pulled / "base-model.dvc").dvc_md5
     assert lineage.to_dict()["base_model"]["dvc_md5"] == lineage.base_model.dvc_md5

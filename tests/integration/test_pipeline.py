@@ -72,6 +72,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "non_regression": {"fid_overall": 0.5, "es_fid": 0.5},
                 # Plumbing tests on a random tiny model: the base-model rule is tested on the demo.
                 "reference": {"beat_base_model": False},
+                "fidelity": {"min_group_fidelity": None, "min_margin_retained": None},  # a random tiny model is prompt-blind
             }
         )
     )
@@ -99,6 +100,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "matched_draws": 3,
             "min_slice_size": 3,
             "clinical": {"epochs": 2, "resolution": 16},
+            "fidelity": {"epochs": 2, "resolution": 16},
         },
         "gate": {"policy": str(policy_path)},
         "tracking": {

@@ -441,14 +441,15 @@ def test_matched_sample_size_removes_the_size_bias_of_fid() -> None:
 
 
 def test_bias_shifted_percentile_interval_shifts_percentiles_by_the_bootstrap_bias() -> None:
-    from fairdiffusion.evaluation.slices import _interval
+    from fairdiffusion.evaluation.slices import bootstrap_interval
 
     replicates = np.linspace(11.0, 13.0, 101)  # centred on 12, the estimate is 10
-    assert _interval(replicates, 0.9, 10.0, "percentile") == pytest.approx([11.1, 12.9])
-    assert _interval(replicates, 0.9, 10.0, "bias_shifted_percentile") == pytest.approx([9.1, 10.9])
-    assert _interval(replicates, 0.9, 0.2, "bias_shifted_percentile")[0] == 0.0  # clipped: non-negative quantity
+    assert bootstrap_interval(replicates, 0.9, 10.0, "percentile") == pytest.approx([11.1, 12.9])
+    assert bootstrap_interval(replicates, 0.9, 10.0, "bias_shifted_percentile") == pytest.approx([9.1, 10.9])
+    # clipped: a non-negative quantity
+    assert bootstrap_interval(replicates, 0.9, 0.2, "bias_shifted_percentile")[0] == 0.0
     mostly_nan = np.array([1.0, 2.0] + [np.nan] * 8)
-    assert all(math.isnan(v) for v in _interval(mostly_nan, 0.9, 1.5, "percentile"))
+    assert all(math.isnan(v) for v in bootstrap_interval(mostly_nan, 0.9, 1.5, "percentile"))
 
 
 def test_bca_of_a_slice_is_scipys_bca_over_its_subjects() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from fairdiffusion.config import FAIRGENMED_ATTRIBUTES
+from fairdiffusion.evaluation.fidelity import compute_attribute_fidelity, flatten_fidelity
 from fairdiffusion.evaluation.metric_keys import flatten_metrics
-from fairdiffusion.evaluation.slices import equity_scaled
+from fairdiffusion.evaluation.results import FidelityResult
+from fairdiffusion.evaluation.slices import SliceSettings, equity_scaled
 from fairdiffusion.registry.gate import GateDecision, decide_promotion
 from fairdiffusion.registry.policy import GatePolicy
 
@@ -21,6 +24,7 @@ def make_policy(
     max_group_fid_gap: float | None = 5.0,
     min_slice_size: int = 3,
     regression_tolerance: float = 0.10,
+    min_group_fidelity: float | None = 0.8,
 ) -> GatePolicy:
     """A policy with one tolerance for overall FID and ES-FID."""
     return GatePolicy.model_validate(
@@ -34,6 +38,7 @@ def make_policy(
             "non_regression": {"fid_overall": regression_tolerance, "es_fid": regression_tolerance},
             # The reference rules have tests of their own below.
             "reference": {"beat_base_model": False},
+            "fidelity": {"min_group_fidelity": min_group_fidelity},
         }
     )
 
@@ -56,7 +61,18 @@ def make_metrics(overall: float = 10.0, groups: dict | None = None, size: float 
         for group, fid in values.items():
             slices[f"{attribute}/{group}"] = {"fid": fid, "num_samples": size}
     equity = {attribute: equity_scaled(overall, values, higher_is_better=False) for attribute, values in groups.items()}
-    return flatten_metrics(slices, equity, X)
+    return flatten_metrics(slices, equity, X) | faithful_fidelity(groups)
+
+
+def faithful_fidelity(attributes: dict, per_group: int = 10) -> dict[str, float]:
+    """Prompt-fidelity metrics, built as the evaluation builds them, of a model that draws every group as prompted."""
+    settings = SliceSettings(resamples=20, seed=0)
+    metrics: dict[str, float] = {}
+    for attribute, groups in attributes.items():
+        targets = np.repeat(np.arange(len(groups)), per_group)
+        item = compute_attribute_fidelity(attribute, "protected", groups, targets, (targets, targets), settings, 0.1)
+        metrics |= flatten_fidelity(FidelityResult("small", {attribute: item}, 0, len(targets), False, 0.0))
+    return metrics
 
 
 def decide(candidate, champion=None, config: GatePolicy = CONFIG, version: str | None = None) -> GateDecision:
@@ -78,8 +94,9 @@ def test_candidate_meeting_every_rule_passes() -> None:
     decision = decide(make_metrics())
     assert decision.passed and decision.reasons == []
     rules = {c.rule for c in decision.checks}
-    assert rules == {"max_es_fid", "max_group_fid_gap"}  # checks that ran, all passed
-    assert len(decision.checks) == 2 * len(FAIRGENMED_ATTRIBUTES)
+    assert rules == {"max_es_fid", "max_group_fid_gap", "min_group_fidelity"}  # checks that ran, all passed
+    groups = sum(len(g) for g in FAIRGENMED_ATTRIBUTES.values())
+    assert len(decision.checks) == 2 * len(FAIRGENMED_ATTRIBUTES) + groups
     assert decision.policy["extractor"] == X and decision.policy["absolute"]["max_es_fid"] == 100.0
     json.dumps(decision.to_dict())  # serialisable for the registry
 
@@ -115,7 +132,7 @@ def test_slice_at_the_minimum_passes() -> None:
 
 
 def test_rules_switched_off_with_null_thresholds() -> None:
-    config = make_policy(**{"max_es_fid": None, "max_group_fid_gap": None})
+    config = make_policy(**{"max_es_fid": None, "max_group_fid_gap": None, "min_group_fidelity": None})
     bad = make_metrics(groups={**GOOD_GROUPS, "race": {"Asian": 10.0, "Black": 90.0, "White": 10.0}})
     decision = decide(bad, config=config)
     assert decision.passed and decision.checks == []
@@ -376,3 +393,58 @@ def test_a_nan_interval_falls_back_to_the_point_and_a_nan_fid_fails_closed() -> 
     assert decide(metrics, config=reference_policy()).passed  # the point 10 < 20
     metrics[f"fid_{X}/overall"] = math.nan
     assert ("beat_base_model", f"fid_{X}/overall") in failed_rules(decide(metrics, config=reference_policy()))
+
+
+def fidelity_failures(decision: GateDecision) -> list[str]:
+    return [
+        c.detail for c in decision.checks if c.rule in {"min_group_fidelity", "min_margin_retained"} and not c.passed
+    ]
+
+
+def test_a_prompt_blind_candidate_is_rejected_by_the_fidelity_rule_naming_group_and_figure() -> None:
+    metrics = make_metrics()
+    metrics |= {"fidelity/race/Asian": 0.0, "fidelity_generated_rate/race/Asian": 0.0}
+    metrics |= {"fidelity/race/White": 0.62, "fidelity_generated_rate/race/White": 0.58}
+    decision = decide(metrics)
+    assert not decision.passed
+    failures = fidelity_failures(decision)
+    assert len(failures) == 2
+    assert failures[0].startswith("prompt fidelity of race=Asian 0.00 < 0.80: 0% of images prompted as Asian")
+    assert "race=White 0.62 < 0.80" in failures[1]
+
+
+def test_an_attribute_not_visible_in_real_images_is_left_out_by_name() -> None:
+    metrics = make_metrics() | {"fidelity_visible/gender": 0.0, "fidelity/gender/Male": 0.0}
+    decision = decide(metrics)
+    assert decision.passed
+    left_out = [c.detail for c in decision.checks if c.metric == "fidelity_visible/gender"]
+    assert left_out == ["gender is not visible in the real images beyond chance: left out of min_group_fidelity"]
+
+
+def test_fidelity_fails_closed_when_not_measured_or_not_computable() -> None:
+    unmeasured = {k: v for k, v in make_metrics().items() if not k.startswith("fidelity_computable/race")}
+    assert "prompt fidelity of race was not measured" in " ".join(decide(unmeasured).reasons)
+    not_computable = make_metrics() | {"fidelity_computable/ethnicity": 0.0}
+    assert "prompt fidelity of ethnicity is not computable" in " ".join(decide(not_computable).reasons)
+
+
+def test_margin_retained_floor_for_named_clinical_labels() -> None:
+    policy = GatePolicy.model_validate(
+        CONFIG.model_dump() | {"fidelity": {"min_group_fidelity": None, "min_margin_retained": {"cdr_status": 0.5}}}
+    )
+    clinical = {
+        "fidelity_computable/cdr_status": 1.0,
+        "fidelity_visible/cdr_status": 1.0,
+        "fidelity_real_accuracy/cdr_status": 0.88,
+        "fidelity_generated_accuracy/cdr_status": 0.38,
+        "fidelity_majority_rate/cdr_status": 0.45,
+        "fidelity_margin_retained/cdr_status": -0.16,
+    }
+    decision = decide(make_metrics() | clinical, config=policy)
+    assert not decision.passed
+    assert fidelity_failures(decision) == [
+        "prompt fidelity of cdr_status: generated images keep -0.16 of the real images' margin over the majority "
+        "class (< 0.50; accuracy real 0.88, generated 0.38, majority 0.45)"
+    ]
+    kept = clinical | {"fidelity_margin_retained/cdr_status": 0.7}
+    assert decide(make_metrics() | kept, config=policy).passed

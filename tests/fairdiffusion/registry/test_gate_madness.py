@@ -18,6 +18,7 @@ CONFIG = GatePolicy.model_validate(
         "absolute": {"min_slice_size": 3, "max_es_fid": None, "max_group_fid_gap": None},
         "non_regression": {"fid_overall": None, "es_fid": None},
         "reference": {"beat_base_model": False},
+        "fidelity": {"min_group_fidelity": None, "min_margin_retained": None},
     }
 )
 

@@ -130,3 +130,28 @@ def test_a_rejected_version_lists_every_violation() -> None:
 
 def test_the_card_is_the_same_on_a_retry() -> None:
     assert render_model_card(FACTS, DECISION, REPORT, TRAINING) == render_model_card(FACTS, DECISION, REPORT, TRAINING)
+
+
+def test_the_card_carries_prompt_fidelity_per_group_and_says_what_is_not_visible() -> None:
+    import numpy as np
+
+    from fairdiffusion.evaluation.fidelity import compute_attribute_fidelity
+    from fairdiffusion.evaluation.results import FidelityResult
+    from fairdiffusion.evaluation.slices import SliceSettings
+
+    settings = SliceSettings(resamples=20, seed=0)
+    targets = np.repeat(np.arange(3), 10)
+    blind = np.full(30, 1)
+    race = compute_attribute_fidelity(
+        "race", "protected", ["Asian", "Black", "White"], targets, (targets, blind), settings, 0.1
+    )
+    guesses = np.tile([0, 1], 15)
+    gender = compute_attribute_fidelity(
+        "gender", "protected", ["Female", "Male"], targets % 2, (guesses, guesses), settings, 0.1
+    )
+    fidelity = FidelityResult("small", {"race": race, "gender": gender}, 60, 30, False, 0.1)
+    card = render_model_card(FACTS, DECISION, dataclasses.replace(REPORT, fidelity=fidelity), TRAINING)
+    assert "## Prompt fidelity" in card
+    assert "| race | Asian | 10 | 1 | 0 | 0 |" in card and "| race | Black | 10 | 1 | 1 | 1 |" in card
+    assert "| gender | – | – | – | – | – | not visible in the real images" in card
+    assert "Not measured" in render_model_card(FACTS, DECISION, REPORT, TRAINING)

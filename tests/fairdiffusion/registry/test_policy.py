@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fairdiffusion.registry.policy import PolicyError, load_policy, threshold_for
+from fairdiffusion.errors import ConfigError
+from fairdiffusion.registry.policy import PolicyError, check_fidelity_attributes, load_policy, threshold_for
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -57,3 +58,25 @@ def test_latin1_policy_is_a_policy_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy(path)
     assert str(info.value) == f"gate policy {path}: not UTF-8 text (byte 0xe9 at position 9); save it as UTF-8"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "production.yaml"])
+def test_shipped_policies_turn_the_fidelity_rule_on(name: str) -> None:
+    policy, _ = load_policy(REPO / "policies" / name)
+    assert policy.fidelity.min_group_fidelity is not None and policy.fidelity.min_margin_retained is not None
+
+
+def test_a_fidelity_rule_naming_an_attribute_the_data_lacks_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: x\nabsolute: {min_slice_size: 3, max_es_fid: null, max_group_fid_gap: null}\n"
+        "non_regression: {fid_overall: 0.1, es_fid: 0.1}\n"
+        "fidelity: {min_group_fidelity: {race: 0.8, skin_tone: 0.8}}\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        check_fidelity_attributes(path, ["race", "gender", "cdr_status"])
+    assert "fidelity.min_group_fidelity names skin_tone" in str(error.value) and str(path) in str(error.value)
+    check_fidelity_attributes(path, ["race", "skin_tone"])  # both columns present: fine
+    unreadable = tmp_path / "broken.yaml"
+    unreadable.write_text("name: [unclosed\n")
+    check_fidelity_attributes(unreadable, ["race"])  # left to the gate, which rejects naming why
