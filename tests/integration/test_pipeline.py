@@ -72,7 +72,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "non_regression": {"fid_overall": 0.5, "es_fid": 0.5},
                 # Plumbing tests on a random tiny model: the base-model rule is tested on the demo.
                 "reference": {"beat_base_model": False},
-                "fidelity": {"min_group_fidelity": None, "min_margin_retained": None},  # a random tiny model is prompt-blind
+                # A random tiny model is prompt-blind: the fidelity rule is tested on the demo.
+                "fidelity": {"min_group_fidelity": None, "min_margin_retained": None},
             }
         )
     )
