@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fairdiffusion.config import FAIRGENMED_ATTRIBUTES
-from fairdiffusion.evaluation.fidelity import compute_attribute_fidelity, flatten_fidelity
 from fairdiffusion.evaluation.metric_keys import flatten_metrics
-from fairdiffusion.evaluation.results import FidelityResult
-from fairdiffusion.evaluation.slices import SliceSettings, equity_scaled
+from fairdiffusion.evaluation.slices import equity_scaled
 from fairdiffusion.registry.gate import GateDecision, decide_promotion
 from fairdiffusion.registry.policy import GatePolicy
+
+# The integration tests' candidate builder: one helper for the fidelity metrics of a faithful model.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
+from candidates import faithful_fidelity  # noqa: E402
 
 X = "randcnn32"
 
@@ -62,17 +65,6 @@ def make_metrics(overall: float = 10.0, groups: dict | None = None, size: float 
             slices[f"{attribute}/{group}"] = {"fid": fid, "num_samples": size}
     equity = {attribute: equity_scaled(overall, values, higher_is_better=False) for attribute, values in groups.items()}
     return flatten_metrics(slices, equity, X) | faithful_fidelity(groups)
-
-
-def faithful_fidelity(attributes: dict, per_group: int = 10) -> dict[str, float]:
-    """Prompt-fidelity metrics, built as the evaluation builds them, of a model that draws every group as prompted."""
-    settings = SliceSettings(resamples=20, seed=0)
-    metrics: dict[str, float] = {}
-    for attribute, groups in attributes.items():
-        targets = np.repeat(np.arange(len(groups)), per_group)
-        item = compute_attribute_fidelity(attribute, "protected", groups, targets, (targets, targets), settings, 0.1)
-        metrics |= flatten_fidelity(FidelityResult("small", {attribute: item}, 0, len(targets), False, 0.0))
-    return metrics
 
 
 def decide(candidate, champion=None, config: GatePolicy = CONFIG, version: str | None = None) -> GateDecision:
