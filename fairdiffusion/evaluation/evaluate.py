@@ -287,9 +287,19 @@ def _generated_for(
     return images, {"model": model_version, "data": data_version, "cache_key": key}
 
 
+def _real_training_images(
+    train_samples: pd.DataFrame | None, resolution: int, config: EvaluationConfig
+) -> tuple[np.ndarray, pd.DataFrame] | None:
+    """The real training images and their rows, loaded once for the clinical and the fidelity classifiers."""
+    if train_samples is None or train_samples.empty or not (config.clinical.enabled or config.fidelity.enabled):
+        return None
+    rows = train_samples.reset_index(drop=True)
+    return load_real_images([str(p) for p in rows["image_path"]], resolution), rows
+
+
 def _clinical_training_images(
     model_dir: str,
-    train_samples: pd.DataFrame | None,
+    real_train: tuple[np.ndarray, pd.DataFrame] | None,
     resolution: int,
     extractor: FeatureExtractor,
     config: EvaluationConfig,
@@ -301,10 +311,9 @@ def _clinical_training_images(
     training prompts, train on those images, test on the real test images, so the test
     set's label and group mix never enters the classifier's training.
     """
-    if not config.clinical.enabled or train_samples is None or train_samples.empty:
+    if not config.clinical.enabled or real_train is None:
         return None
-    rows = train_samples.reset_index(drop=True)
-    real = load_real_images([str(p) for p in rows["image_path"]], resolution)
+    real, rows = real_train
     images, _ = _generated_for(model_dir, rows, real, resolution, extractor, config, data_version)
     return images.generated, rows
 
@@ -319,18 +328,15 @@ FIDELITY_PROTOCOL = (
 
 def _fidelity(
     config: EvaluationConfig,
-    train_samples: pd.DataFrame | None,
+    real_train: tuple[np.ndarray, pd.DataFrame] | None,
     test: tuple[np.ndarray, np.ndarray, pd.DataFrame],
     attributes: Mapping[str, Sequence[str]],
-    resolution: int,
     data_version: str,
     device: str,
 ) -> FidelityResult | None:
     """Prompt fidelity of the generated test images (``test``: real, generated, rows); needs the training rows."""
-    if not config.fidelity.enabled or train_samples is None or train_samples.empty:
+    if not config.fidelity.enabled or real_train is None:
         return None
-    rows = train_samples.reset_index(drop=True)
-    real_train = load_real_images([str(p) for p in rows["image_path"]], resolution)
     fidelity_config = config.fidelity
     if fidelity_config.labels is None and config.clinical.labels is not None:
         # The clinical labels a config names (HAM10000's and CheXpert's diagnosis) are prompted too.
@@ -339,7 +345,7 @@ def _fidelity(
     real, generated, test_rows = test
     settings = slice_settings(config)
     return measure_fidelity(
-        (real_train, rows), real, generated, test_rows, attributes, fidelity_config, settings, cache, device
+        real_train, real, generated, test_rows, attributes, fidelity_config, settings, cache, device
     )
 
 
@@ -384,10 +390,11 @@ def evaluate_model(
     data_version = data_version or fingerprint_files(image_paths)
     real = load_real_images([str(p) for p in image_paths], resolution)
     images, versions = _generated_for(model_dir, test_samples, real, resolution, extractor, config, data_version)
-    train = _clinical_training_images(model_dir, train_samples, resolution, extractor, config, data_version)
+    real_train = _real_training_images(train_samples, resolution, config)
+    train = _clinical_training_images(model_dir, real_train, resolution, extractor, config, data_version)
     measured = _measure(images, real, test_samples, attributes, extractor.name, config, device, train)
     test = (real, images.generated, test_samples)
-    fidelity = _fidelity(config, train_samples, test, attributes, resolution, data_version, device)
+    fidelity = _fidelity(config, real_train, test, attributes, data_version, device)
     metrics = measured.metrics | floor_metrics(
         images.features.real, images.features.generated, extractor.name, config.seed
     )
