@@ -105,17 +105,19 @@ def build_classifier(config: ClinicalConfig, classes: Mapping[str, Sequence[str]
     return LabelClassifier(backbone, backbone.dim, classes)
 
 
+def ordered_classes(values: pd.Series, known: Sequence[str] = ()) -> list[str]:
+    """The observed classes of a column: those of ``known`` in its order, then the others sorted."""
+    observed = sorted(str(v) for v in values.dropna().unique())
+    return [c for c in known if c in observed] + [c for c in observed if c not in known]
+
+
 def label_classes(samples: pd.DataFrame, labels: Sequence[str]) -> dict[str, list[str]]:
     """Each label's classes: FairGenMed's known order, else the sorted observed values."""
     classes = {}
     for label in labels:
         if label not in samples:
             raise ConfigError(f"evaluation.clinical.labels: '{label}' is not a column of the sample table")
-        observed = sorted(str(v) for v in samples[label].dropna().unique())
-        known = CLINICAL_LABELS.get(label)
-        classes[label] = [c for c in known if c in observed] if known else observed
-        if known:
-            classes[label] += [c for c in observed if c not in known]
+        classes[label] = ordered_classes(samples[label], CLINICAL_LABELS.get(label, ()))
     return classes
 
 

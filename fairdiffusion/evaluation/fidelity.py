@@ -41,6 +41,7 @@ from fairdiffusion.evaluation.clinical import (
     LabelClassifier,
     build_classifier,
     encode_labels,
+    ordered_classes,
     predict_probabilities,
     train_classifier,
 )
@@ -65,9 +66,8 @@ def fidelity_classes(
     classes, kinds, not_computable = {}, {}, {}
     for name in names:
         kinds[name] = PROTECTED if name in attributes else CLINICAL
-        observed = {str(v) for v in train_rows[name].dropna().unique()} if name in train_rows else set()
-        order = list(attributes[name]) if name in attributes else list(CLINICAL_LABELS.get(name, []))
-        classes[name] = [c for c in order if c in observed] + sorted(observed - set(order))
+        known = attributes[name] if name in attributes else CLINICAL_LABELS.get(name, ())
+        classes[name] = ordered_classes(train_rows[name], known) if name in train_rows else []
         if len(classes[name]) < 2:
             not_computable[name] = (
                 f"fewer than two classes of {name} in the real training images "
