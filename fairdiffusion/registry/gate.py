@@ -292,11 +292,11 @@ def _margin_floor(candidate: Mapping[str, float], attribute: str, floor: float) 
     if missing:
         return missing
     ok = candidate[key] >= floor
-    real, generated = (
-        candidate.get(fidelity_key("real_accuracy", attribute)),
-        candidate.get(fidelity_key("generated_accuracy", attribute)),
+    # Context for the reason only: shown as nan when absent, never a crash of the gate.
+    real, generated, majority = (
+        candidate.get(fidelity_key(stat, attribute), math.nan)
+        for stat in ("real_accuracy", "generated_accuracy", "majority_rate")
     )
-    majority = candidate.get(fidelity_key("majority_rate", attribute))
     detail = (
         f"prompt fidelity of {attribute}: generated images keep {candidate[key]:.2f} of the real images' margin "
         f"over the majority class ({'>=' if ok else '<'} {floor:.2f}; accuracy real {real:.2f}, generated "

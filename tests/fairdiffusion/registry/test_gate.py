@@ -440,3 +440,7 @@ def test_margin_retained_floor_for_named_clinical_labels() -> None:
     ]
     kept = clinical | {"fidelity_margin_retained/cdr_status": 0.7}
     assert decide(make_metrics() | kept, config=policy).passed
+    # The accuracies only explain the reason: without them the rule still judges, and does not crash.
+    bare = {k: v for k, v in clinical.items() if "accuracy" not in k and "majority" not in k}
+    reason = fidelity_failures(decide(make_metrics() | bare, config=policy))[0]
+    assert reason.endswith("(< 0.50; accuracy real nan, generated nan, majority nan)")
