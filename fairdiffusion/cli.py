@@ -378,12 +378,16 @@ def base_build(
 ) -> None:
     """Pretrain the base bundle (VAE, UNet, FID extractor) on the generated pretraining set.
 
-    Takes about 20 minutes on 2 CPU cores; `make base` also versions it (dvc add + push).
+    Prints and records its prompt fidelity on held-out pretraining prompts' clinical labels
+    as it finishes. `make base` also versions it (dvc add + push).
     """
     settle_image_processor_fallbacks()  # before diffusers is imported
+    from fairdiffusion.evaluation.base_fidelity import base_fidelity_check
     from fairdiffusion.models.base import BaseBuildSpec, build_base_bundle
 
-    result = build_base_bundle(out, BaseBuildSpec(seed=seed), progress=typer.echo)
+    spec = BaseBuildSpec(seed=seed)
+    check = base_fidelity_check(spec.resolution, seed, spec.render_size, typer.echo)
+    result = build_base_bundle(out, spec, progress=typer.echo, check=check)
     typer.echo(f"Base bundle    : {result.bundle_dir}")
     typer.echo(f"Seconds        : {json.dumps(result.seconds)}")
     typer.echo(f"Final losses   : {json.dumps({k: round(v, 4) for k, v in result.final_losses.items()})}")

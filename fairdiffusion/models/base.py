@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fairdiffusion.data.pretraining import generate_pretraining_set
+from fairdiffusion.data.pretraining import PretrainingSet, generate_pretraining_set
 from fairdiffusion.errors import ConfigError
 from fairdiffusion.models.extractor import FundusDecoder, FundusEncoder, save_extractor
 from fairdiffusion.models.tiny import build_text_encoder
@@ -56,12 +56,18 @@ class BaseBuildSpec:
     seed: int = 0
     batch_size: int = 32
     vae_batch_size: int = 16
-    vae_steps: int = 400
-    unet_steps: int = 1500
+    vae_steps: int = 3000
+    unet_steps: int = 3000
     extractor_steps: int = 600
     extractor_dim: int = 64
-    unet_channels: tuple[int, int] = (32, 64)
+    #: One downsample: 32-px images to 16 x 16 x 4 latents. Measured (benchmarks/bench_vae_roundtrip.py):
+    #: with two (8 x 8 latents) the round trip erased the rare group's texture and the cup.
+    vae_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     prompt_dropout: float = 0.1
+    #: The pretraining images are drawn at the demo images' size and downsampled as training
+    #: downsamples them, so the VAE learns the look it will be asked to encode.
+    render_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -85,17 +91,14 @@ def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator
         yield torch.randint(0, count, (batch_size,), generator=generator)
 
 
-def build_vae(resolution: int) -> AutoencoderKL:
-    """Three levels (two downsamples): 32-px images to 8 x 8 x 4 latents.
-
-    Narrow at full resolution (16 channels), where a CPU spends most of its time.
-    """
+def build_vae(resolution: int, channels: tuple[int, ...]) -> AutoencoderKL:
+    """An SD-layout VAE with ``len(channels)`` levels (one downsample fewer), 4 latent channels."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=16,
@@ -103,16 +106,26 @@ def build_vae(resolution: int) -> AutoencoderKL:
     )
 
 
-def build_unet(resolution: int, channels: tuple[int, int], cross_attention_dim: int) -> UNet2DConditionModel:
-    """A two-level UNet on 8 x 8 latents, cross-attention (the prompt) on the upper level."""
+def latent_size(resolution: int, vae_channels: tuple[int, ...]) -> int:
+    """The latent side of a ``resolution``-px image: one halving per VAE level but the last."""
+    return resolution // 2 ** (len(vae_channels) - 1)
+
+
+def build_unet(sample_size: int, channels: tuple[int, ...], cross_attention_dim: int) -> UNet2DConditionModel:
+    """A UNet on ``sample_size`` latents with cross-attention (the prompt) on every level but the lowest.
+
+    As SD 2.1 (cross-attention on three of its four levels): the prompt reaches the layers
+    that draw texture and small structures, not only the coarse layout.
+    """
+    attended = len(channels) - 1
     return UNet2DConditionModel(
-        sample_size=resolution // 4,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * attended + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * attended,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -121,21 +134,36 @@ def build_unet(resolution: int, channels: tuple[int, int], cross_attention_dim: 
 
 def train_vae(images: torch.Tensor, spec: BaseBuildSpec, generator: torch.Generator) -> tuple[AutoencoderKL, float]:
     """Reconstruction (MSE) plus a small KL term, as an SD-style VAE without its GAN loss."""
-    vae = build_vae(spec.resolution)
+    vae = build_vae(spec.resolution, spec.vae_channels)
     optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=spec.vae_steps, pct_start=0.1)
     loss_value = float("nan")
     for rows in _batches(len(images), spec.vae_batch_size, spec.vae_steps, generator):
         x = images[rows]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
+        # Decoded from the latent mean: trained on sampled latents, the decoder learnt to blur
+        # away what the sampling noise hid (measured: the rare group's texture, 0% kept).
+        loss = F.mse_loss(vae.decode(posterior.mean).sample, x) + 1e-6 * posterior.kl().mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         schedule.step()
         loss_value = float(loss.detach())
+    _fix_log_variance(vae, _LOG_VARIANCE)
     return vae.eval().requires_grad_(False), loss_value
+
+
+#: The posterior's fixed log-variance (std 3e-7, the floor diffusers clamps it to): the VAE
+#: is a deterministic autoencoder, so a fine-tune's ``latent_dist`` sample is its mean.
+_LOG_VARIANCE = -30.0
+
+
+@torch.no_grad()
+def _fix_log_variance(vae: AutoencoderKL, value: float) -> None:
+    """Set the log-variance half of ``quant_conv``'s output to a constant (weights 0, bias ``value``)."""
+    half = vae.config.latent_channels
+    vae.quant_conv.weight[half:] = 0.0
+    vae.quant_conv.bias[half:] = value
 
 
 @torch.no_grad()
@@ -171,7 +199,7 @@ def train_unet(
     """Denoising (epsilon prediction) on the pretraining latents, with prompt dropout for guidance."""
     mean, std, scaling = latents
     states, empty = text
-    unet = build_unet(spec.resolution, spec.unet_channels, states.shape[-1])
+    unet = build_unet(mean.shape[-1], spec.unet_channels, states.shape[-1])
     scheduler = DDPMScheduler(**_SCHEDULE)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=spec.unet_steps, pct_start=0.05)
@@ -244,8 +272,15 @@ def check_bundle_resolution(source: str, resolution: int) -> None:
         )
 
 
+#: Measures the written bundle on its pretraining set; what it returns is recorded in :data:`BUILD_FILE`.
+Check = Callable[[Path, PretrainingSet], dict[str, object]]
+
+
 def build_base_bundle(
-    out_dir: str | Path, spec: BaseBuildSpec | None = None, progress: Progress = logger.info
+    out_dir: str | Path,
+    spec: BaseBuildSpec | None = None,
+    progress: Progress = logger.info,
+    check: Check | None = None,
 ) -> BaseBuildResult:
     """Pretrain the base bundle and write it with ``save_pretrained`` (safetensors).
 
@@ -253,6 +288,8 @@ def build_base_bundle(
         out_dir: The bundle folder (created; replaced if it exists).
         spec: Sizes, steps and seed; the defaults are the versioned bundle's.
         progress: Receives one line per phase.
+        check: Run on the written bundle and its pretraining set (the CLI passes the prompt
+            fidelity of :mod:`fairdiffusion.evaluation.base_fidelity`); its result is recorded.
     """
     spec = spec or BaseBuildSpec()
     out = Path(out_dir)
@@ -260,7 +297,10 @@ def build_base_bundle(
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
     data = _timed(
-        seconds, "pretraining set", progress, lambda: generate_pretraining_set(spec.images, spec.resolution, spec.seed)
+        seconds,
+        "pretraining set",
+        progress,
+        lambda: generate_pretraining_set(spec.images, spec.resolution, spec.seed, spec.render_size),
     )
     images = _as_rgb(data.images)
     vae, vae_loss = _timed(seconds, "vae", progress, lambda: train_vae(images, spec, generator))
@@ -274,10 +314,10 @@ def build_base_bundle(
     encoder, enc_loss = _timed(seconds, "extractor", progress, lambda: train_extractor(images, spec, generator))
     vae.register_to_config(scaling_factor=latents[2])
     _save_bundle(out, (tokenizer, text_encoder, vae, unet), encoder)
+    checked = _timed(seconds, "check", progress, lambda: check(out, data)) if check else {}
     result = BaseBuildResult(str(out), seconds, {"vae": vae_loss, "unet": unet_loss, "extractor": enc_loss}, latents[2])
-    (out / BUILD_FILE).write_text(
-        json.dumps({"spec": asdict(spec), "result": asdict(result) | {"bundle_dir": None}}, indent=2) + "\n"
-    )
+    record = {"spec": asdict(spec), "result": asdict(result) | {"bundle_dir": None}} | checked
+    (out / BUILD_FILE).write_text(json.dumps(record, indent=2, default=float) + "\n")
     return result
 
 

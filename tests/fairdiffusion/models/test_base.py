@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from fairdiffusion.config import ExtractorConfig
-from fairdiffusion.data.pretraining import generate_pretraining_set
+from fairdiffusion.data.pretraining import PROMPTED_LABELS, PretrainingSet, generate_pretraining_set
 from fairdiffusion.errors import ConfigError
+from fairdiffusion.evaluation.base_fidelity import measure_base_fidelity, summarise
 from fairdiffusion.evaluation.features import build_extractor
 from fairdiffusion.models.base import BaseBuildSpec, build_base_bundle, check_bundle_resolution
 from fairdiffusion.models.loading import load_pipeline
@@ -69,3 +71,23 @@ def test_the_pretraining_set_carries_no_demographic_signal() -> None:
     means = {race: values.mean() for race, values in by_race.items()}
     spread = brightness.std() / np.sqrt(min(len(v) for v in by_race.values()))
     assert max(means.values()) - min(means.values()) < 4 * spread
+
+
+def test_the_build_runs_its_check_on_the_written_bundle_and_records_it(tmp_path: Path) -> None:
+    seen: list[tuple[bool, int]] = []
+
+    def check(bundle: Path, train: PretrainingSet) -> dict[str, object]:
+        seen.append(((bundle / "unet").is_dir(), len(train.labels)))
+        return {"prompt_fidelity": {"cdr_status": {"margin_retained": 0.5}}}
+
+    build_base_bundle(tmp_path / "b", MINI, progress=lambda _: None, check=check)
+    assert seen == [(True, MINI.images)]
+    record = json.loads((tmp_path / "b" / "fairdiffusion_base.json").read_text())
+    assert record["prompt_fidelity"]["cdr_status"]["margin_retained"] == 0.5 and "check" in record["result"]["seconds"]
+
+
+def test_the_base_models_prompt_fidelity_is_measured_on_its_clinical_labels(mini_bundle: Path) -> None:
+    train = generate_pretraining_set(60, 32, seed=0, render_size=64)
+    summary = summarise(measure_base_fidelity(mini_bundle, train, 32, seed=0, render_size=64))
+    assert set(summary) == set(PROMPTED_LABELS)
+    assert all({"visible", "margin_retained", "fidelity"} <= set(item) for item in summary.values())  # type: ignore[operator]
