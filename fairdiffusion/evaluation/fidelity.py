@@ -77,7 +77,8 @@ def fidelity_classes(
 
 
 def _classifier_key(config: FidelityConfig, data_version: str, classes: Mapping[str, Sequence[str]], n: int) -> str:
-    settings = config.model_dump(mode="json", exclude={"visible_margin", "enabled"})
+    # Which attributes are measured is in ``classes``; the order a config lists them in is not a setting.
+    settings = config.model_dump(mode="json", exclude={"visible_margin", "enabled", "labels"})
     key = {"data": data_version, "classes": classes, "images": n, "settings": settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -104,6 +105,9 @@ def fit_real_classifier(
     Returns:
         The classifier (eval mode) and whether it came from the cache.
     """
+    # One order of the heads, whatever order the config lists the attributes in: the
+    # initialisation, and so the fit, is then the same for the same data and settings.
+    classes = dict(sorted(classes.items()))
     path = None
     if cache is not None:
         folder, data_version = cache

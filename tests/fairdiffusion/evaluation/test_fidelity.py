@@ -134,3 +134,17 @@ def test_flat_keys_name_attribute_and_group_with_intervals_and_not_computable_ha
     assert flat["fidelity_visible/race"] == 1.0 and flat["fidelity_worst/race"] == pytest.approx(1.0)
     assert flat["fidelity_computable/glaucoma"] == 0.0
     assert not any(k.endswith("/glaucoma") and not k.startswith("fidelity_computable") for k in flat)
+
+
+def test_the_classifier_is_the_same_whatever_order_the_config_lists_the_attributes_in(tmp_path: Path) -> None:
+    train, test = _rows(120, 0), _rows(60, 1)
+    real_test = _blobs(list(test["race"]), seed=2)
+    results = []
+    for labels in (["race", "gender"], ["gender", "race"]):
+        config = FidelityConfig(resolution=16, epochs=4, labels=labels)
+        real_train = (_blobs(list(train["race"])), train)
+        results.append(
+            measure_fidelity(real_train, real_test, real_test, test, ATTRIBUTES, config, SETTINGS, (tmp_path, "v1"))
+        )
+    assert not results[0].cached_classifier and results[1].cached_classifier  # one fit, found again
+    assert results[0].attributes["race"] == results[1].attributes["race"]
