@@ -38,6 +38,7 @@ from fairdiffusion.data.formats import load_dataset  # noqa: E402
 from fairdiffusion.data.images import load_real_images  # noqa: E402
 from fairdiffusion.data.versioning import pull_data  # noqa: E402
 from fairdiffusion.evaluation.features import build_extractor, extract_features  # noqa: E402
+from fairdiffusion.evaluation.fidelity import measure_fidelity  # noqa: E402
 from fairdiffusion.evaluation.generation import generate_images  # noqa: E402
 from fairdiffusion.evaluation.image_metrics import FeatureStatistics  # noqa: E402
 from fairdiffusion.evaluation.slices import SliceSettings, define_slices  # noqa: E402
@@ -126,7 +127,8 @@ def cached_run(config: PipelineConfig, arm: str, seed: int, train, test, extract
     Each finished run is saved under ``<out>/runs/`` (features and history), so an
     interrupted benchmark continues where it stopped; ``--fresh`` ignores the saved runs.
     """
-    key = json.dumps([ARMS[arm], seed, training_config(config, arm, seed, args).max_steps, args.quick, len(test)])
+    steps = training_config(config, arm, seed, args).max_steps
+    key = json.dumps([ARMS[arm], seed, steps, args.quick, len(test), "fidelity", config.model.pretrained])
     stem = args.out / "runs" / f"{arm}-seed{seed}"
     saved, features = stem.with_suffix(".json"), stem.with_suffix(".npy")
     if not args.fresh and saved.is_file() and features.is_file():
@@ -150,6 +152,7 @@ def run_arm(config: PipelineConfig, arm: str, seed: int, train, test, extractor,
     features = extract_features(extractor, torch.from_numpy(generated.images), evaluation.feature_resolution)
     shutil.rmtree(Path(result.model_dir), ignore_errors=True)  # keep the disk small; features are kept
     return {
+        "fidelity": fidelity_summary(config, generated.images, test, args),
         "features": features.double().numpy(),
         "history": [asdict(record) for record in result.history],
         "sigma_names": result.sigma_names,
@@ -158,10 +161,36 @@ def run_arm(config: PipelineConfig, arm: str, seed: int, train, test, extractor,
     }
 
 
+#: The clinical labels whose kept margin the table shows beside race's per-group fidelity.
+CLINICAL_MARGINS = ("cdr_status", "md_severity")
+
+
+def fidelity_summary(config: PipelineConfig, generated: np.ndarray, test, args: argparse.Namespace) -> dict:
+    """Prompt fidelity of one run: each race group's, and the margin kept for the clinical labels.
+
+    The evaluation's own metric (``fairdiffusion.evaluation.fidelity``): a classifier trained
+    on the real training images, fitted once and cached under ``<out>/cache``.
+    """
+    resolution = config.training.resolution
+    real_test = load_real_images(list(test["image_path"]), resolution)
+    train = args.real_train
+    settings = SliceSettings(resamples=20, min_slice_size=5, seed=0)
+    cache = (args.out / "cache", "bench-fairness")
+    result = measure_fidelity(
+        train, real_test, generated, test, config.data.attributes, config.evaluation.fidelity, settings, cache
+    )
+    race = result.attributes[HEADLINE]
+    return {
+        "groups": {g.group: g.fidelity for g in race.groups},
+        "margins": {k: result.attributes[k].margin_retained for k in CLINICAL_MARGINS if k in result.attributes},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     config, train, test = load_setting(args)
+    args.real_train = (load_real_images(list(train["image_path"]), config.training.resolution), train)
     attributes = config.data.attributes
     extractor = build_extractor(config.evaluation.extractor.model_copy(update={"weights": ROOT / "base-model"}))
     resolution = config.training.resolution
@@ -196,7 +225,7 @@ def summarise(runs, real, slices, attributes, settings, args) -> dict:
             arm: {str(s): asdict(m) | {"seconds": runs[arm][s]["seconds"]} for s, m in by.items()}
             for arm, by in measures.items()
         },
-        "arms": {arm: arm_means(by) for arm, by in measures.items()},
+        "arms": {arm: arm_means(by) | fidelity_means(runs[arm]) for arm, by in measures.items()},
         "paired_vs_baseline": {
             arm: paired_vs_baseline(stats[arm], stats["baseline"], groups, settings.matched_draws, args)
             for arm in runs
@@ -232,6 +261,20 @@ def arm_means(by_seed: dict[int, RunMeasures]) -> dict:
     return out
 
 
+def fidelity_means(by_seed: dict[int, dict]) -> dict:
+    """Mean over seeds of each race group's prompt fidelity and of the clinical margins kept."""
+    first = next(iter(by_seed.values()))["fidelity"]
+
+    def mean(values: list[float | None]) -> float:
+        kept = [v for v in values if v is not None]
+        return float(np.mean(kept)) if kept else float("nan")
+
+    return {
+        "fidelity": {g: mean([r["fidelity"]["groups"][g] for r in by_seed.values()]) for g in first["groups"]},
+        "margin_retained": {k: mean([r["fidelity"]["margins"][k] for r in by_seed.values()]) for k in first["margins"]},
+    }
+
+
 def _sd(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
@@ -259,8 +302,9 @@ def markdown_table(report: dict) -> str:
     """Arms x (overall FID, largest race gap, ES-FID), with paired differences and intervals."""
     lines = [
         f"| arm | overall FID | {HEADLINE} gap (matched) | {HEADLINE} ES-FID | worst group | "
-        "Δ FID vs baseline [images CI] [seeds CI] | Δ gap vs baseline [images CI] [seeds CI] |",
-        "|---|---|---|---|---|---|---|",
+        "Δ FID vs baseline [images CI] [seeds CI] | Δ gap vs baseline [images CI] [seeds CI] | "
+        f"{HEADLINE} fidelity per group | margin kept ({', '.join(CLINICAL_MARGINS)}) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, means in report["arms"].items():
         cells = [arm] + [_mean_sd(means[k]) for k in ("overall_fid", f"{HEADLINE}_gap", f"{HEADLINE}_es_fid")]
@@ -268,6 +312,8 @@ def markdown_table(report: dict) -> str:
         paired = report["paired_vs_baseline"].get(arm)
         for key in ("overall_fid", f"{HEADLINE}_gap"):
             cells.append("—" if paired is None else _paired(paired[key]))
+        cells.append(" / ".join(f"{g} {v:.2f}" for g, v in means["fidelity"].items()))
+        cells.append(" / ".join(f"{v:.2f}" for v in means["margin_retained"].values()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

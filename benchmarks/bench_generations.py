@@ -114,10 +114,13 @@ def worst_off(rows: list[dict[str, object]], arm: str, regime: str) -> dict[str,
 
 
 def markdown(rows: list[dict[str, object]], worst: list[dict[str, object]]) -> str:
-    lines = ["| arm | regime | generation | group | FID | recall | diversity |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | regime | generation | group | FID | recall | diversity | prompt fidelity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     lines += [
         f"| {r['arm']} | {r['regime']} | {r['generation']} | {r['group']} | {float(r['fid']):.3f} | "
-        f"{float(r['recall']):.3f} | {float(r['diversity']):.3f} |"
+        f"{float(r['recall']):.3f} | {float(r['diversity']):.3f} | {float(r.get('fidelity', math.nan)):.2f} |"
         for r in rows
     ]
     lines += ["", "| arm | regime | worst-off group | diversity kept | recall kept |", "|---|---|---|---|---|"]

@@ -39,6 +39,7 @@ from fairdiffusion.evaluation.metric_keys import (
     flatten_manifold,
     flatten_metrics,
     flatten_slice_sizes,
+    real_trained_auc_key,
 )
 from fairdiffusion.evaluation.reference import floor_metrics, reference_metrics
 from fairdiffusion.evaluation.report import write_report
@@ -179,7 +180,7 @@ def _measure(
     extractor_name: str,
     config: EvaluationConfig,
     device: str,
-    train: tuple[np.ndarray, pd.DataFrame] | None = None,
+    train: tuple[np.ndarray, pd.DataFrame, np.ndarray] | None = None,
 ) -> _Measured:
     """Every slice's image metrics (and, with training-prompt images, clinical AUCs), with their flat keys."""
     started = time.perf_counter()
@@ -192,9 +193,9 @@ def _measure(
 
     clinical = None
     if train is not None:
-        train_images, train_rows = train
+        train_images, train_rows, real_train = train
         clinical = evaluate_clinical_semantics(
-            train_images, train_rows, real, test_samples, attributes, config.clinical, settings, device
+            train_images, train_rows, real, test_samples, attributes, config.clinical, settings, device, real_train
         )
 
     metrics = flatten_analysis(quality, {m: (m, extractor_name) for m in quality.metric_names})
@@ -205,6 +206,8 @@ def _measure(
     if clinical is not None:
         tags = {label: ("auc", f"{clinical.classifier}/{label}") for label in clinical.classes}
         metrics |= flatten_analysis(clinical.analysis, tags)
+        ceiling = clinical.real_trained_auc or {}
+        metrics |= {real_trained_auc_key(clinical.classifier, label): auc for label, auc in ceiling.items()}
     return _Measured(quality, clinical, metrics, seconds)
 
 
@@ -304,8 +307,8 @@ def _clinical_training_images(
     extractor: FeatureExtractor,
     config: EvaluationConfig,
     data_version: str,
-) -> tuple[np.ndarray, pd.DataFrame] | None:
-    """Images generated from the *training* prompts, the clinical classifier's training set.
+) -> tuple[np.ndarray, pd.DataFrame, np.ndarray] | None:
+    """Images generated from the *training* prompts, the clinical classifier's training set (and the real ones).
 
     The paper's protocol (Sec. 4.3; the authors' evaluation script): generate from the
     training prompts, train on those images, test on the real test images, so the test
@@ -315,7 +318,7 @@ def _clinical_training_images(
         return None
     real, rows = real_train
     images, _ = _generated_for(model_dir, rows, real, resolution, extractor, config, data_version)
-    return images.generated, rows
+    return images.generated, rows, real
 
 
 #: What the report says each direction of "does the image carry its prompt" answers.

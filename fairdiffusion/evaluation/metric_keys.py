@@ -167,3 +167,8 @@ def fidelity_key(stat: str, attribute: str, group: str | None = None) -> str:
     if group is None:
         return f"{FIDELITY_ATTRIBUTE_STEMS[stat]}/{attribute}"
     return f"{FIDELITY_GROUP_STEMS[stat]}/{attribute}/{group}"
+
+
+def real_trained_auc_key(classifier: str, label: str) -> str:
+    """``auc_real_trained/<classifier>/<label>``: the clinical classifier's AUC when trained on real images."""
+    return f"auc_real_trained/{classifier}/{label}"

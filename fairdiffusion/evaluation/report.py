@@ -29,7 +29,7 @@ from fairdiffusion.config import EvaluationConfig
 from fairdiffusion.evaluation.comparison import BaselineComparison
 from fairdiffusion.evaluation.image_metrics import INCEPTION_SCORE
 from fairdiffusion.evaluation.metric_keys import reference_keys
-from fairdiffusion.evaluation.results import EvaluationReport, FidelityResult
+from fairdiffusion.evaluation.results import ClinicalResult, EvaluationReport, FidelityResult
 from fairdiffusion.evaluation.slices import OVERALL, SliceAnalysis
 
 METRIC_TITLES = {"fid": "FID", "kid": "KID", INCEPTION_SCORE: "IS (1 split)"}
@@ -329,6 +329,18 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines
 
 
+def ceiling_sentence(clinical: ClinicalResult) -> str:
+    """The real-trained AUCs beside the generated-trained ones: the ceiling the data allows."""
+    pairs = ", ".join(
+        f"{label} {clinical.analysis.slices[OVERALL][label]:.3f} (real-trained {auc:.3f})"
+        for label, auc in (clinical.real_trained_auc or {}).items()
+    )
+    return (
+        "The same classifier trained on the real training images instead scores the ceiling the data allows; "
+        f"overall AUC, generated-trained (real-trained): {pairs}."
+    )
+
+
 def reference_lines(report: EvaluationReport) -> list[str]:
     """What puts the overall FID on a scale: the base model it started from and the real-vs-real floor."""
     keys = reference_keys(report.extractor)
@@ -389,6 +401,8 @@ def render_markdown(report: EvaluationReport, charts: Sequence[str] = ()) -> str
         lines += _md_table(*_slice_rows(clinical.analysis, auc_titles))
         lines += [""]
         lines += _md_table(*_equity_rows(clinical.analysis, auc_titles))
+        if clinical.real_trained_auc:
+            lines += ["", ceiling_sentence(clinical)]
     if charts:
         lines += ["", "## Charts", ""] + [f"![{Path(c).stem}]({c})" for c in charts]
     if report.grids:
@@ -644,6 +658,8 @@ def render_html(report: EvaluationReport, charts: Sequence[Path], grids: Mapping
             + "; ".join(f"{html.escape(k)}: {html.escape(', '.join(v))}" for k, v in clinical.classes.items())
             + "</p>"
         )
+        if clinical.real_trained_auc:
+            parts.append(f"<p>{html.escape(ceiling_sentence(clinical))}</p>")
         parts.append(_html_table(*_equity_rows(clinical.analysis, auc_titles)))
         headers, rows = _slice_rows(clinical.analysis, auc_titles)
         parts.append(_html_table(headers, rows, small_column=1))

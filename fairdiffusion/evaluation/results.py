@@ -24,6 +24,9 @@ class ClinicalResult:
     epochs: int
     final_loss: float
     seconds: float
+    #: Overall AUC per label of the same classifier trained on the real training images: the
+    #: ceiling the data allows (``None``: not measured, as in reports from before it existed).
+    real_trained_auc: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fairdiffusion.data.pretraining import PretrainingSet, generate_pretraining_set
+from fairdiffusion.data.pretraining import LOOK_WORDS, PretrainingSet, generate_pretraining_set
 from fairdiffusion.errors import ConfigError
 from fairdiffusion.models.extractor import FundusDecoder, FundusEncoder, save_extractor
 from fairdiffusion.models.tiny import build_text_encoder
@@ -65,6 +65,19 @@ class BaseBuildSpec:
     vae_channels: tuple[int, ...] = (32, 64)
     unet_channels: tuple[int, ...] = (32, 64, 64)
     prompt_dropout: float = 0.1
+    #: Offset noise (Guttenberg 2023; diffusers' ``--noise_offset``): a per-image, per-channel
+    #: constant added to the noise. Off: zero terminal SNR below fixes what it patches
+    #: (measured with the demo's fine-tune: offset 0.1 lifted White's recognition from 0.47
+    #: to 0.60 only; zero terminal SNR to 0.91).
+    noise_offset: float = 0.0
+    #: Zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules and sample steps
+    #: are flawed"): betas rescaled so the last timestep is pure noise, v-prediction, and
+    #: trailing timesteps at sampling. Without it the model reads an image's mean brightness
+    #: from what the last timestep leaks in training, and at sampling, from pure noise, can
+    #: draw only the average brightness whatever the prompt says. Measured (issue 26): without
+    #: it, the demo's fine-tune drew White patients at 56-60 of 255 (real 67) and vision loss
+    #: at chance; with it, 67 and vision loss above the real images' margin.
+    zero_terminal_snr: bool = True
     #: The pretraining images are drawn at the demo images' size and downsampled as training
     #: downsamples them, so the VAE learns the look it will be asked to encode.
     render_size: int = 64
@@ -190,6 +203,22 @@ def encode_prompts(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, prompts: li
     return torch.cat(states)
 
 
+def noise_schedule(spec: BaseBuildSpec) -> dict[str, object]:
+    """The bundle's noise schedule (SD's scaled-linear betas), with zero terminal SNR when the spec asks."""
+    if not spec.zero_terminal_snr:
+        return dict(_SCHEDULE)
+    zero_snr = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    return _SCHEDULE | zero_snr
+
+
+def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise plus ``offset`` times one Gaussian constant per image and channel (0: plain noise)."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+    return noise
+
+
 def train_unet(
     latents: tuple[torch.Tensor, torch.Tensor, float],
     text: tuple[torch.Tensor, torch.Tensor],
@@ -200,18 +229,19 @@ def train_unet(
     mean, std, scaling = latents
     states, empty = text
     unet = build_unet(mean.shape[-1], spec.unet_channels, states.shape[-1])
-    scheduler = DDPMScheduler(**_SCHEDULE)
+    scheduler = DDPMScheduler(**noise_schedule(spec))
     optimiser = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=spec.unet_steps, pct_start=0.05)
     loss_value = float("nan")
     for rows in _batches(len(mean), spec.batch_size, spec.unet_steps, generator):
         z = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)) * scaling
-        noise = torch.randn(z.shape, generator=generator)
+        noise = offset_noise(z.shape, spec.noise_offset, generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
         dropped = torch.rand(len(rows), generator=generator) < spec.prompt_dropout
         context = torch.where(dropped[:, None, None], empty, states[rows])
         prediction = unet(scheduler.add_noise(z, noise, t), t, context).sample
-        loss = F.mse_loss(prediction, noise)
+        target = scheduler.get_velocity(z, noise, t) if spec.zero_terminal_snr else noise
+        loss = F.mse_loss(prediction, target)
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -306,14 +336,14 @@ def build_base_bundle(
     vae, vae_loss = _timed(seconds, "vae", progress, lambda: train_vae(images, spec, generator))
     latents = encode_latents(vae, images)
     # The text encoder stays random and frozen: distinct tokens still give distinct embeddings.
-    tokenizer, text_encoder = build_text_encoder(hidden_size=64, intermediate_size=128)
+    tokenizer, text_encoder = build_text_encoder(hidden_size=64, intermediate_size=128, extra_words=LOOK_WORDS)
     text_encoder.requires_grad_(False).eval()
     states = encode_prompts(tokenizer, text_encoder, data.prompts)
     empty = encode_prompts(tokenizer, text_encoder, [""])
     unet, unet_loss = _timed(seconds, "unet", progress, lambda: train_unet(latents, (states, empty), spec, generator))
     encoder, enc_loss = _timed(seconds, "extractor", progress, lambda: train_extractor(images, spec, generator))
     vae.register_to_config(scaling_factor=latents[2])
-    _save_bundle(out, (tokenizer, text_encoder, vae, unet), encoder)
+    _save_bundle(out, (tokenizer, text_encoder, vae, unet), encoder, noise_schedule(spec))
     checked = _timed(seconds, "check", progress, lambda: check(out, data)) if check else {}
     result = BaseBuildResult(str(out), seconds, {"vae": vae_loss, "unet": unet_loss, "extractor": enc_loss}, latents[2])
     record = {"spec": asdict(spec), "result": asdict(result) | {"bundle_dir": None}} | checked
@@ -322,7 +352,10 @@ def build_base_bundle(
 
 
 def _save_bundle(
-    out: Path, parts: tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel], encoder: FundusEncoder
+    out: Path,
+    parts: tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel],
+    encoder: FundusEncoder,
+    schedule: dict[str, object],
 ) -> None:
     tokenizer, text_encoder, vae, unet = parts
     pipeline = StableDiffusionPipeline(
@@ -330,7 +363,7 @@ def _save_bundle(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        scheduler=DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

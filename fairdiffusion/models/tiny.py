@@ -51,9 +51,14 @@ def tokenizer_vocabulary(
     return vocab, list(dict.fromkeys(merges))
 
 
-def build_text_encoder(hidden_size: int, intermediate_size: int) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """The prompt vocabulary's tokenizer and a small random CLIP text encoder (two layers, four heads)."""
-    vocab, merges = tokenizer_vocabulary()
+def build_text_encoder(
+    hidden_size: int, intermediate_size: int, extra_words: Iterable[str] = ()
+) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The prompt vocabulary's tokenizer (plus ``extra_words``) and a small random CLIP text encoder.
+
+    Two layers, four heads.
+    """
+    vocab, merges = tokenizer_vocabulary(extra_words)
     encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),

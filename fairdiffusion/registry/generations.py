@@ -22,7 +22,7 @@ from fairdiffusion.config import EvaluationConfig, PipelineConfig, config_to_dic
 from fairdiffusion.data.generations import SyntheticBatch
 from fairdiffusion.evaluation.cache import fingerprint_files, model_fingerprint
 from fairdiffusion.evaluation.generation import generate_images
-from fairdiffusion.evaluation.metric_keys import metric_key_stems
+from fairdiffusion.evaluation.metric_keys import fidelity_key, metric_key_stems
 from fairdiffusion.registry import schema
 from fairdiffusion.registry.gate import GateDecision, decide_promotion
 from fairdiffusion.registry.policy import PolicyError, load_policy
@@ -133,15 +133,22 @@ class GenerationSummary:
 def group_metrics(
     metrics: Mapping[str, float], attributes: Mapping[str, Sequence[str]], extractor: str
 ) -> dict[str, dict[str, float]]:
-    """``{"race/Asian": {"fid": ..., "recall": ..., "diversity": ...}, ...}`` (and ``overall``)."""
+    """``{"race/Asian": {"fid": ..., "recall": ..., "diversity": ..., "fidelity": ...}, ...}`` (and ``overall``).
+
+    ``fidelity`` is the group's prompt fidelity (nan when not measured, and for ``overall``).
+    """
     slices = ["overall", *(f"{a}/{g}" for a, groups in attributes.items() for g in groups)]
-    return {
+    table = {
         name: {
             m: float(metrics.get(f"{metric_key_stems(m, extractor)['value']}/{name}", math.nan))
             for m in SUMMARY_METRICS
         }
         for name in slices
     }
+    for name in slices[1:]:
+        attribute, group = name.split("/", 1)
+        table[name]["fidelity"] = float(metrics.get(fidelity_key("fidelity", attribute, group), math.nan))
+    return table
 
 
 def judge_generation(
@@ -192,7 +199,7 @@ def summarise_generation(
 
 
 def format_generations(summaries: Sequence[GenerationSummary]) -> str:
-    """Per generation and per group: FID, recall and diversity, then the MADness verdict."""
+    """Per generation and per group: FID, recall, diversity and prompt fidelity, then the MADness verdict."""
     lines = []
     for summary in summaries:
         verdict = "; ".join(summary.madness_reasons) or (
@@ -202,7 +209,9 @@ def format_generations(summaries: Sequence[GenerationSummary]) -> str:
             f"generation {summary.generation} ({summary.regime}, synthetic {summary.synthetic_share:.0%}, "
             f"run {summary.run_id}, parent {summary.parent_run_id or '-'}): {verdict}"
         )
-        lines.append(f"  {'slice':<28} {'FID':>9} {'recall':>7} {'diversity':>9}")
+        lines.append(f"  {'slice':<28} {'FID':>9} {'recall':>7} {'diversity':>9} {'fidelity':>8}")
         for name, values in summary.groups.items():
-            lines.append(f"  {name:<28} {values['fid']:>9.3f} {values['recall']:>7.3f} {values['diversity']:>9.3f}")
+            fidelity = values.get("fidelity", math.nan)
+            figures = f"{values['fid']:>9.3f} {values['recall']:>7.3f} {values['diversity']:>9.3f} {fidelity:>8.2f}"
+            lines.append(f"  {name:<28} {figures}")
     return "\n".join(lines)

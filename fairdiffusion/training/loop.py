@@ -85,6 +85,10 @@ class _Model:
     #: diffusers' ``EMAModel`` of the trainable parameters, or ``None``.
     ema: Any
     dtype: torch.dtype
+    #: ``training.noise_offset``: the offset noise's scale (0: plain noise).
+    noise_offset: float = 0.0
+    #: The text encoder as ``accelerator.prepare`` returned it when it trains, else ``None``.
+    text_encoder: Any = None
 
 
 @dataclass
@@ -282,12 +286,16 @@ def _build_model(pretrained: str, allow_download: bool, config: TrainingConfig, 
     if config.prediction_type is not None:
         components.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for frozen in (components.vae, components.text_encoder):
+    frozen_parts = (components.vae,) if config.train_text_encoder else (components.vae, components.text_encoder)
+    for frozen in frozen_parts:
         frozen.requires_grad_(False)
         _cast(frozen, dtype)
         frozen.to(accelerator.device)
     components.unet.to(accelerator.device)
     trainable = _prepare_unet(components.unet, config, dtype)
+    if config.train_text_encoder:  # in float32, as the trained UNet parameters
+        components.text_encoder.to(accelerator.device, dtype=torch.float32).requires_grad_(True).train()
+        trainable += list(components.text_encoder.parameters())
     ema = None
     if config.use_ema:
         from diffusers.training_utils import EMAModel
@@ -303,7 +311,11 @@ def _build_model(pretrained: str, allow_download: bool, config: TrainingConfig, 
         num_training_steps=config.max_steps * world,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(components.unet, optimizer, lr_scheduler)
-    return _Model(accelerator, components, unet, trainable, optimizer, lr_scheduler, ema, dtype)
+    # Prepared too, so accelerate's checkpoint state holds it and DDP syncs its gradients.
+    text_encoder = accelerator.prepare(components.text_encoder) if config.train_text_encoder else None
+    return _Model(
+        accelerator, components, unet, trainable, optimizer, lr_scheduler, ema, dtype, config.noise_offset, text_encoder
+    )
 
 
 def _fbp_variant(config: TrainingConfig) -> FBPVariant:
@@ -431,15 +443,22 @@ def _micro_batches(
 
 
 def _draw_step_noise(
-    generator: torch.Generator, latent_shape: torch.Size, num_processes: int, rank: int, num_timesteps: int
+    generator: torch.Generator,
+    latent_shape: torch.Size,
+    num_processes: int,
+    rank: int,
+    num_timesteps: int,
+    noise_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latent-sampling noise, diffusion noise and timesteps of this process's slice."""
+    """Latent-sampling noise, diffusion noise (with its offset) and timesteps of this process's slice."""
     local = latent_shape[0]
     shape = (local * num_processes, *latent_shape[1:])
     device = generator.device
     latent_eps = torch.randn(shape, generator=generator, device=device)
     noise = torch.randn(shape, generator=generator, device=device)
     timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator, device=device)
+    if noise_offset:  # drawn last, so a run without it draws exactly what it drew before
+        noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
     part = slice(rank * local, (rank + 1) * local)
     return latent_eps[part], noise[part], timesteps[part]
 
@@ -447,8 +466,11 @@ def _draw_step_noise(
 @torch.no_grad()
 def _noisy_latents(
     model: _Model, batch: dict[str, torch.Tensor], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noisy latents, timesteps, prompt embeddings and the prediction target of a micro-batch."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Noisy latents, timesteps, prompt embeddings and the prediction target of a micro-batch.
+
+    The prompt embeddings are ``None`` when the text encoder trains: they need gradients.
+    """
     accelerator, (_, text_encoder, vae, _, noise_scheduler) = model.accelerator, model.components
     pixel_values = batch["pixel_values"].to(accelerator.device, dtype=model.dtype)
     posterior = vae.encode(pixel_values).latent_dist
@@ -458,13 +480,24 @@ def _noisy_latents(
         accelerator.num_processes,
         accelerator.process_index,
         noise_scheduler.config.num_train_timesteps,
+        model.noise_offset,
     )
     latents = posterior.mean + posterior.std * latent_eps.to(posterior.mean.dtype)
     latents = latents * vae.config.scaling_factor
-    encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+    encoder_hidden_states = None
+    if model.text_encoder is None:
+        encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
     noise = noise.to(latents.dtype)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     return noisy_latents, timesteps, encoder_hidden_states, diffusion_target(noise_scheduler, latents, noise, timesteps)
+
+
+def _prompt_states(model: _Model, batch: dict[str, torch.Tensor], frozen: torch.Tensor | None) -> torch.Tensor:
+    """The prompts' hidden states: computed without gradients already, or by the trained text encoder."""
+    if frozen is not None:
+        return frozen
+    states = model.text_encoder(batch["input_ids"].to(model.accelerator.device), return_dict=False)[0]
+    return states.to(model.dtype)
 
 
 def _weighted_loss(
@@ -493,8 +526,10 @@ def _train_step(
     """One micro-batch of optimiser step ``step`` (1-based): forward, backward, and the update when the
     gradients sync. Returns this process's per-sample losses and timesteps, and the global weights."""
     accelerator, noise_scheduler = model.accelerator, model.components.noise_scheduler
-    with accelerator.accumulate(model.unet):
-        noisy_latents, timesteps, encoder_hidden_states, target = _noisy_latents(model, batch, generator)
+    trained = (model.unet,) if model.text_encoder is None else (model.unet, model.text_encoder)
+    with accelerator.accumulate(*trained):
+        noisy_latents, timesteps, frozen_states, target = _noisy_latents(model, batch, generator)
+        encoder_hidden_states = _prompt_states(model, batch, frozen_states)
         with mad.probe() if mad is not None else nullcontext() as probe:
             prediction = model.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         per_sample = per_sample_loss(prediction, target, timesteps, noise_scheduler, config.snr_gamma)
@@ -708,6 +743,8 @@ def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_proc
         ),
         "fbp_variant": None if config.method != "fair" or config.fbp.is_paper() else asdict(_fbp_variant(config)),
         "mad_regularizer": config.mad_regularizer.model_dump() if config.mad_regularizer.weight > 0 else None,
+        "train_text_encoder": config.train_text_encoder,
+        "noise_offset": config.noise_offset,
     }
 
 
@@ -792,6 +829,8 @@ def _save_pipeline(
     else:
         pipeline = load_pipeline(pretrained, allow_download=allow_download)
         pipeline.unet = unet
+        if config.train_text_encoder:
+            pipeline.text_encoder = text_encoder.float()
     pipeline.save_pretrained(model_dir, safe_serialization=True)
     return None if lora_dir is None else str(lora_dir)
 

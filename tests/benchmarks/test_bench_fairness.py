@@ -40,6 +40,10 @@ def test_quick_run_writes_every_arm_with_paired_intervals_and_plots(tmp_path: Pa
     assert run["overall_fid"] > 0
     table = (tmp_path / "fairness.md").read_text()
     assert all(f"| {arm} |" in table for arm in arms)
+    fidelity = written["arms"]["fair"]["fidelity"]  # the evaluation's prompt fidelity, per race group
+    assert set(fidelity) == {"Asian", "Black", "White"} and all(0 <= v <= 5 for v in fidelity.values())
+    assert set(written["arms"]["fair"]["margin_retained"]) == {"cdr_status", "md_severity"}
+    assert "race fidelity per group" in table
     assert report["setting"]["quick"] is True
     plots = [Path(p) for p in written["plots"]]
     assert {p.name for p in plots} == {"loss_by_race_group.png", "loss_gap_race.png", "sigma.png"}

@@ -207,3 +207,20 @@ def test_the_classifier_trains_on_training_prompts_and_is_tested_on_other_subjec
     assert (result.train_images, result.test_images) == (60, 30)
     assert result.analysis.slices["overall"]["num_samples"] == 30
     assert result.analysis.slices["overall"]["glaucoma"] > 0.8
+
+
+def test_the_real_trained_ceiling_is_measured_beside_a_prompt_blind_model() -> None:
+    """Generated images that ignore their prompts score chance; the same classifier on real images does not."""
+    train, test = make_samples(n=80, seed=5), make_samples(n=60, seed=6)
+    rng = np.random.default_rng(9)
+    blind = rng.integers(0, 255, size=(80, 16, 16, 3), dtype=np.uint8)
+    config = ClinicalConfig(labels=["glaucoma"], resolution=16, epochs=10, batch_size=16)
+    settings = SliceSettings(resamples=20, min_slice_size=5, seed=0)
+    real_train, real_test = labelled_images(train, seed=3), labelled_images(test, seed=4)
+    result = evaluate_clinical_semantics(blind, train, real_test, test, ATTRS, config, settings, real_train=real_train)
+    assert result is not None and result.real_trained_auc is not None
+    assert result.real_trained_auc["glaucoma"] > 0.9
+    assert result.analysis.slices["overall"]["glaucoma"] < 0.75
+    assert type(result).from_dict(result.to_dict()).real_trained_auc == result.real_trained_auc
+    without = evaluate_clinical_semantics(blind, train, real_test, test, ATTRS, config, settings)
+    assert without is not None and without.real_trained_auc is None

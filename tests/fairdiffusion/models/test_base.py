@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fairdiffusion.config import ExtractorConfig
-from fairdiffusion.data.pretraining import PROMPTED_LABELS, PretrainingSet, generate_pretraining_set
+from fairdiffusion.data.pretraining import LOOK_WORDS, PROMPTED_LABELS, PretrainingSet, generate_pretraining_set
 from fairdiffusion.errors import ConfigError
 from fairdiffusion.evaluation.base_fidelity import measure_base_fidelity, summarise
 from fairdiffusion.evaluation.features import build_extractor
@@ -63,14 +63,20 @@ def test_a_bundle_of_another_resolution_is_refused_before_training(mini_bundle: 
         check_bundle_resolution(str(mini_bundle), 64)
 
 
-def test_the_pretraining_set_carries_no_demographic_signal() -> None:
-    """Demographic words are drawn independently of the look: brightness does not differ by race word."""
+def test_the_pretraining_set_names_no_group_and_its_captions_describe_the_look() -> None:
+    """No demographic word appears; the tone word follows the brightness and the texture word the texture."""
     data = generate_pretraining_set(300, 32, seed=3)
+    words = {w.strip(",").lower() for p in data.prompts for w in p.split()}
+    assert not words & {"asian", "black", "white", "female", "male", "hispanic", "non-hispanic"}
     brightness = data.images.reshape(len(data.images), -1).mean(axis=1)
-    by_race = {race: brightness[[f" {race} " in p for p in data.prompts]] for race in ("Asian", "Black", "White")}
-    means = {race: values.mean() for race, values in by_race.items()}
-    spread = brightness.std() / np.sqrt(min(len(v) for v in by_race.values()))
-    assert max(means.values()) - min(means.values()) < 4 * spread
+    tones = ("dark", "medium", "pale")
+    by_tone = {tone: brightness[[f" a {tone} " in p for p in data.prompts]].mean() for tone in tones}
+    assert by_tone["dark"] + 5 < by_tone["medium"] < by_tone["pale"] - 5
+    tessellated = np.array([" tessellated " in p for p in data.prompts])
+    assert 0.35 < tessellated.mean() < 0.65
+    rough = np.abs(np.diff(data.images.astype(float), axis=2)).mean(axis=(1, 2))
+    assert rough[tessellated].mean() > rough[~tessellated].mean()
+    assert set(LOOK_WORDS) <= words
 
 
 def test_the_build_runs_its_check_on_the_written_bundle_and_records_it(tmp_path: Path) -> None:

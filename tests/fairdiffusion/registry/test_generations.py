@@ -42,8 +42,9 @@ def _metrics(recall: float) -> dict[str, float]:
 
 def test_summary_and_table_name_the_groups_and_the_guards_verdict() -> None:
 
-    groups = group_metrics(_metrics(0.25), ATTRIBUTES, "x")
+    groups = group_metrics(_metrics(0.25) | {"fidelity/race/Asian": 0.9}, ATTRIBUTES, "x")
     assert groups["race/Asian"]["recall"] == 0.25 and math.isnan(groups["race/White"]["recall"])
+    assert groups["race/Asian"]["fidelity"] == 0.9 and math.isnan(groups["race/White"]["fidelity"])
     failed = RuleCheck("madness_recall", "recall_x/race/Asian", 0.25, 0.6, False, "MADness: race=Asian lost 67%")
     decision = GateDecision(False, [failed], {}, reasons=[failed.detail])
     summary = summarise_generation(PipelineConfig(), 1, "run1", "run0", "augment", 0.5, _metrics(0.25), decision, "x")

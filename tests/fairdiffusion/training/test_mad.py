@@ -153,6 +153,8 @@ def test_the_regulariser_is_off_by_default_and_needs_lora_without_gradient_check
         TrainingConfig(mad_regularizer={"weight": 1.0})
     with pytest.raises(ValidationError, match="gradient_checkpointing"):
         TrainingConfig(mad_regularizer={"weight": 1.0}, lora_rank=4, gradient_checkpointing=True)
+    with pytest.raises(ValidationError, match="train_text_encoder"):
+        TrainingConfig(mad_regularizer={"weight": 1.0}, lora_rank=4, train_text_encoder=True)
 
 
 def test_a_unet_without_adapters_is_refused_by_name(tiny_pipeline_dir: Path) -> None:

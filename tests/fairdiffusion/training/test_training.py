@@ -526,3 +526,52 @@ def test_mixed_precision_with_checkpointing_on_the_gpu(
     )
     assert math.isfinite(result.final_loss)
     assert result.timing is not None and result.timing.peak_memory_bytes
+
+
+TEXT_ENCODER_FILE = "text_encoder/model.safetensors"
+
+
+def test_a_trained_text_encoder_is_saved_and_resumes_like_a_straight_run(
+    train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    """``train_text_encoder``: the saved pipeline holds the trained encoder; a killed run resumes to the same one."""
+    pipeline = str(tiny_pipeline_dir)
+    settings = {"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-2, "train_text_encoder": True}
+    straight = train_unet(train_samples, FAIRGENMED_ATTRIBUTES, pipeline, config(tmp_path / "a", "fair", **settings))
+    before = load_file(tiny_pipeline_dir / TEXT_ENCODER_FILE)
+    after = load_file(Path(straight.model_dir) / TEXT_ENCODER_FILE)
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+
+    def die_after_checkpoint(metrics: dict[str, float], step: int) -> None:
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_b = config(tmp_path / "b", "fair", log_every=1, **settings)
+        train_unet(train_samples, FAIRGENMED_ATTRIBUTES, pipeline, run_b, log_metrics=die_after_checkpoint)
+    resumed = train_unet(
+        train_samples, FAIRGENMED_ATTRIBUTES, pipeline, config(tmp_path / "b", "fair", resume="latest", **settings)
+    )
+    assert resumed.resumed_from is not None
+    for name in (TEXT_ENCODER_FILE, UNET_FILE):
+        a, b = load_file(Path(straight.model_dir) / name), load_file(Path(resumed.model_dir) / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: identical weights"
+
+
+def test_without_the_option_the_text_encoder_is_saved_as_it_was_loaded_and_offset_noise_changes_training(
+    runs: dict[str, Run], tiny_pipeline_dir: Path, train_samples: pd.DataFrame, tmp_path: Path
+) -> None:
+    before = load_file(tiny_pipeline_dir / TEXT_ENCODER_FILE)
+    after = load_file(Path(runs["fair"].result.model_dir) / TEXT_ENCODER_FILE)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    overrides = {"max_steps": 2, "learning_rate": 1e-2}
+    plain_config = config(tmp_path / "p", "baseline", **overrides)
+    plain = train_unet(train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), plain_config)
+    offset = train_unet(
+        train_samples,
+        FAIRGENMED_ATTRIBUTES,
+        str(tiny_pipeline_dir),
+        config(tmp_path / "o", "baseline", noise_offset=0.1, **overrides),
+    )
+    a, b = load_file(Path(plain.model_dir) / UNET_FILE), load_file(Path(offset.model_dir) / UNET_FILE)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
