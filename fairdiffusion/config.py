@@ -467,6 +467,8 @@ class TrainingConfig(_Section):
     #: Measured on the demo (issue 26): with it frozen, no fine-tune taught the model the
     #: rare group (recognised in 0-15% of its images); trained, in 70-90%. The saved
     #: pipeline holds the trained encoder. Full fine-tuning of the encoder, also with LoRA.
+    #: With ``mad_regularizer``, the penalty is on the UNet's adapter updates; the encoder
+    #: gets its gradient through the prompt embeddings those updates read.
     train_text_encoder: bool = False
     #: Min-SNR loss weighting (Hang et al. 2023); ``None``: unweighted. 5.0 is the usual value.
     snr_gamma: float | None = Field(None, gt=0)
@@ -508,8 +510,6 @@ class TrainingConfig(_Section):
     def _consistent(self) -> TrainingConfig:
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("lora_alpha needs lora_rank")
-        if self.mad_regularizer.weight > 0 and self.train_text_encoder:
-            raise ValueError("mad_regularizer with train_text_encoder: the penalty estimates UNet updates only")
         if self.mad_regularizer.weight > 0 and self.lora_rank is None:
             raise ValueError("mad_regularizer.weight > 0 needs lora_rank: the penalty is on the LoRA updates")
         if self.mad_regularizer.weight > 0 and self.gradient_checkpointing:
