@@ -76,7 +76,7 @@ def test_two_generations_chain_runs_provenance_and_per_group_metrics(prefect_har
     first, second = summaries
     assert (first.generation, first.parent_run_id, first.synthetic_share) == (0, None, 0.0)
     assert second.parent_run_id == first.run_id and second.synthetic_share == pytest.approx(0.5)
-    assert set(second.groups["race/Asian"]) == {"fid", "recall", "diversity"}
+    assert set(second.groups["race/Asian"]) == {"fid", "recall", "diversity", "fidelity"}
     assert first.madness_passed  # generation 0 trained on real data only: the guard does not apply
     for metric in ("fid", "recall", "diversity"):  # each group's curves over the generations
         assert (tmp_path / "generations" / f"generations_{metric}.png").stat().st_size > 0
