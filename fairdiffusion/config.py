@@ -465,7 +465,7 @@ class TrainingConfig(_Section):
     #: A departure from the paper, whose script freezes it: SD's CLIP encoder already gives
     #: "Asian" and "White" distinct meanings, the demo's small random one does not.
     #: Measured on the demo (issue 26): with it frozen, no fine-tune taught the model the
-    #: rare group (recognised in 0-15% of its images); trained, in 70-90%. The saved
+    #: rare group (recognised in 0-15% of its images); trained, in 70-100%. The saved
     #: pipeline holds the trained encoder. Full fine-tuning of the encoder, also with LoRA.
     #: With ``mad_regularizer``, the penalty is on the UNet's adapter updates; the encoder
     #: gets its gradient through the prompt embeddings those updates read.
