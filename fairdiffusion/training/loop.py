@@ -89,6 +89,9 @@ class _Model:
     noise_offset: float = 0.0
     #: The text encoder as ``accelerator.prepare`` returned it when it trains, else ``None``.
     text_encoder: Any = None
+    #: ``training.proportion_empty_prompts``, and the empty prompt's token ids (``[1, length]``).
+    empty_share: float = 0.0
+    empty_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 1, dtype=torch.long))
 
 
 @dataclass
@@ -313,8 +316,23 @@ def _build_model(pretrained: str, allow_download: bool, config: TrainingConfig, 
     unet, optimizer, lr_scheduler = accelerator.prepare(components.unet, optimizer, lr_scheduler)
     # Prepared too, so accelerate's checkpoint state holds it and DDP syncs its gradients.
     text_encoder = accelerator.prepare(components.text_encoder) if config.train_text_encoder else None
+    tokenizer = components.tokenizer
+    empty_ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return _Model(
-        accelerator, components, unet, trainable, optimizer, lr_scheduler, ema, dtype, config.noise_offset, text_encoder
+        accelerator,
+        components,
+        unet,
+        trainable,
+        optimizer,
+        lr_scheduler,
+        ema,
+        dtype,
+        config.noise_offset,
+        text_encoder,
+        config.proportion_empty_prompts,
+        empty_ids,
     )
 
 
@@ -486,12 +504,29 @@ def _noisy_latents(
     return noisy_latents, timesteps, diffusion_target(noise_scheduler, latents, noise, timesteps)
 
 
-def _prompt_states(model: _Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def drop_prompts(
+    input_ids: torch.Tensor, empty_ids: torch.Tensor, share: float, generator: torch.Generator, world: int, rank: int
+) -> torch.Tensor:
+    """This process's prompt token ids with a ``share`` of them replaced by the empty prompt's.
+
+    The draw covers the global batch (``world`` processes' micro-batches, this one the
+    ``rank``-th), so which rows are dropped does not depend on the number of processes.
+    Nothing is drawn when ``share`` is 0, so a run without it draws what it drew before.
+    """
+    if not share:
+        return input_ids
+    local = len(input_ids)
+    dropped = torch.rand(local * world, generator=generator, device=generator.device) < share
+    dropped = dropped[rank * local : (rank + 1) * local].to(input_ids.device)
+    return torch.where(dropped[:, None], empty_ids.to(input_ids.device), input_ids)
+
+
+def _prompt_states(model: _Model, input_ids: torch.Tensor) -> torch.Tensor:
     """The prompts' hidden states: with gradients only when the text encoder trains."""
     trained = model.text_encoder is not None
     encoder = model.text_encoder if trained else model.components.text_encoder
     with torch.set_grad_enabled(trained):
-        states = encoder(batch["input_ids"].to(model.accelerator.device), return_dict=False)[0]
+        states = encoder(input_ids.to(model.accelerator.device), return_dict=False)[0]
     return states.to(model.dtype) if trained else states
 
 
@@ -524,7 +559,15 @@ def _train_step(
     trained = (model.unet,) if model.text_encoder is None else (model.unet, model.text_encoder)
     with accelerator.accumulate(*trained):
         noisy_latents, timesteps, target = _noisy_latents(model, batch, generator)
-        encoder_hidden_states = _prompt_states(model, batch)
+        input_ids = drop_prompts(  # drawn after the step's noise
+            batch["input_ids"],
+            model.empty_ids,
+            model.empty_share,
+            generator,
+            accelerator.num_processes,
+            accelerator.process_index,
+        )
+        encoder_hidden_states = _prompt_states(model, input_ids)
         with mad.probe() if mad is not None else nullcontext() as probe:
             prediction = model.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         per_sample = per_sample_loss(prediction, target, timesteps, noise_scheduler, config.snr_gamma)
@@ -740,6 +783,7 @@ def _run_identity(dataset: FundusPromptDataset, config: TrainingConfig, num_proc
         "mad_regularizer": config.mad_regularizer.model_dump() if config.mad_regularizer.weight > 0 else None,
         "train_text_encoder": config.train_text_encoder,
         "noise_offset": config.noise_offset,
+        "proportion_empty_prompts": config.proportion_empty_prompts or None,  # None: earlier checkpoints load
     }
 
 

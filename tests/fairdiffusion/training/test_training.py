@@ -22,7 +22,7 @@ from fairdiffusion.errors import TrainingError
 from fairdiffusion.models.loading import load_pipeline
 from fairdiffusion.training import losses
 from fairdiffusion.training.dataset import FundusPromptDataset, GlobalBatchSampler
-from fairdiffusion.training.loop import train_unet
+from fairdiffusion.training.loop import drop_prompts, train_unet
 from fairdiffusion.training.results import TrainingResult
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -575,3 +575,35 @@ def test_without_the_option_the_text_encoder_is_saved_as_it_was_loaded_and_offse
     )
     a, b = load_file(Path(plain.model_dir) / UNET_FILE), load_file(Path(offset.model_dir) / UNET_FILE)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dropped_prompts_follow_the_share_and_do_not_depend_on_the_number_of_processes() -> None:
+    ids = torch.arange(1, 4001).reshape(1000, 4)
+    empty = torch.full((1, 4), -1)
+    assert drop_prompts(ids, empty, 0.0, torch.Generator().manual_seed(0), 1, 0) is ids
+    one = drop_prompts(ids, empty, 0.25, torch.Generator().manual_seed(0), 1, 0)
+    rows = (one == -1).all(dim=1)
+    assert 0.2 < rows.float().mean() < 0.3
+    assert torch.equal(one[~rows], ids[~rows]), "the kept rows are untouched"
+    halves = [
+        drop_prompts(ids[r * 500 : (r + 1) * 500], empty, 0.25, torch.Generator().manual_seed(0), 2, r) for r in (0, 1)
+    ]
+    assert torch.equal(torch.cat(halves), one)
+
+
+def test_empty_prompts_change_training_and_enter_the_run_identity(
+    train_samples: pd.DataFrame, tiny_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    overrides = {"max_steps": 2, "learning_rate": 1e-2, "checkpoint_every": 2}
+    plain = train_unet(
+        train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), config(tmp_path / "p", "baseline", **overrides)
+    )
+    dropping = config(tmp_path / "d", "baseline", proportion_empty_prompts=0.5, **overrides)
+    dropped = train_unet(train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), dropping)
+    a, b = load_file(Path(plain.model_dir) / UNET_FILE), load_file(Path(dropped.model_dir) / UNET_FILE)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingError, match="proportion_empty_prompts"):
+        resume = config(
+            tmp_path / "d", "baseline", resume="latest", max_steps=4, learning_rate=1e-2, checkpoint_every=2
+        )
+        train_unet(train_samples, FAIRGENMED_ATTRIBUTES, str(tiny_pipeline_dir), resume)
