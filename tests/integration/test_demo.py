@@ -37,7 +37,7 @@ def test_the_base_model_draws_images_far_closer_to_the_real_ones_than_noise(pull
     real = load_real_images(list(rows["image_path"]), 32)
     config = EvaluationConfig(num_inference_steps=10, guidance_scale=3.0, batch_size=50, seed=1234)
     made = generate_images(str(pulled / "base-model"), rows["prompt"].tolist(), 32, config)
-    # Measured: 0.04 for the base model, 0.02 for the demo's 300-step fine-tune; noise is 1.
+    # Measured: 0.04 for the base model, 0.02 for a 300-step demo fine-tune; noise is 1.
     assert noise_ratio(real, made.images) < 0.15
 
 
