@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     if args.quick:
         args.generations, args.steps = 2, 2
+    from fairdiffusion.cli import quiet_environment
+
+    quiet_environment()  # before Prefect's server starts: no telemetry heartbeat on an offline machine
     from flows.generations import fairdiffusion_generations
 
     rows: list[dict[str, object]] = []

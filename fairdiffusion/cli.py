@@ -571,17 +571,23 @@ def report(
         typer.echo(f"  {name:8} {files[name]}")
 
 
+def quiet_environment() -> None:
+    """Offline machines: no telemetry calls (Prefect's ephemeral server otherwise sends a
+    heartbeat that can meet its SQLite database locked and print a traceback), no progress
+    bars in piped output. Settings the user made are kept. The benchmarks call it too."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point; always ends in :class:`SystemExit` with the status below.
 
     0: success, or a run that skipped; 1: bad input (one ``error:`` line), a failed
     validation or a rejected gate; 2: a usage error (click prints the usage, no traceback).
     """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Offline machines: no telemetry calls, no progress bars in piped output.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_environment()
     try:
         # Standalone mode: typer (with its own vendored click) reports usage errors and
         # turns every typer.Exit into that exit status; only our own errors get through.
