@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     # recall (0.57 -> 0.59, 2026-12-03): no decay for the regulariser to slow. At 80 the
     # decay shows (0.57 -> 0.35), and the 40 trainings, half with the regulariser's
     # second-order step, took 44 min on 2 quiet CPU cores (README, "Self-consuming").
+    # Measured on the rebuilt base (2026-12-08): 80 LoRA steps do not teach the rare group
+    # (its fidelity at generation 0 is 0.00), so its decay here is not that of a drawn group.
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--mad-weight", type=float, default=MAD_SETTINGS["weight"], help="lambda of the +reg arms")
     parser.add_argument(
