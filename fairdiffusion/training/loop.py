@@ -912,7 +912,7 @@ def _out_of_memory_message(config: TrainingConfig, step: int) -> str:
     return f"out of memory at step {step}; settings that reduce memory: " + "; ".join(options)
 
 
-# 112 lines, 85 without its docstring: kept whole on purpose. It is the one function that reads
+# 113 lines, 86 without its docstring: kept whole on purpose. It is the one function that reads
 # top to bottom like diffusers' train_text_to_image.py (set-up, loop, save), each part a helper
 # above; splitting the set-up from the loop would hand a dozen locals between them. The next cut,
 # when the resume and two-process tests can be rerun: the set-up (FBP, balance, regulariser,
@@ -955,11 +955,8 @@ def train_unet(
     """
     # One readable loop in the manner of diffusers' training scripts: set-up, the step loop
     # with its periodic checkpoint and sample grid, then saving. Each part it calls is
-    # its own function; what remains is the order they run in, kept on one page. Why it is
-    # longer than a screen (about 110 lines with its docstring) and not split further: the
-    # step loop shares a dozen locals (model, buffer, clock, state, fbp, mad, progress) with
-    # the set-up and the saving, and STYLE.md holds diffusers' explicit loop as the model;
-    # cutting it into more helpers would pass them all around again.
+    # its own function; what remains is the order they run in (why it is not cut further:
+    # the comment above the function).
     started = time.perf_counter()
     accelerator = _make_accelerator(config)
     world, main = accelerator.num_processes, accelerator.is_main_process
